@@ -1,0 +1,101 @@
+"""The sparse-momentum index: which coordinates of a matrix keep Adam moments during one reset period.
+
+Storage: a bitmask, one bit per coordinate (``uint8``, ``⌈n/8⌉`` bytes), so a density-``d`` fp32 matrix
+costs ``8·d + 0.125`` bytes of optimizer state per element instead of the reference's ``8·d + 1`` (boolean
+mask) — and no index arrays. The moments themselves are compact 1-D buffers holding the kept coordinates in
+row-major (logical) order.
+
+Drawing: the coordinates are split into strata of ``STRATUM = 4096`` consecutive elements and exactly
+``round(d · len)`` positions are chosen uniformly without replacement inside each stratum. Every coordinate
+is therefore kept with probability ≈ ``d``, and the kept count depends only on ``(n, d)``: it is the same in
+every period, so moment buffers never change shape and a checkpoint's shapes always match (which
+``torch.distributed.checkpoint`` requires). The draw is a pure function of ``(seed, generation, device
+type)``: it regenerates identically after a resume, and only a 0-dim seed is stored beside the bits.
+
+Transient cost of a step: one boolean mask of ``n`` bytes (a quarter of an fp32 param) plus compact buffers
+of the kept size; nothing of full size in fp32 and no index tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["STRATUM", "kept_count", "param_seed", "draw_mask", "unpack_mask", "gather", "scatter_"]
+
+STRATUM = 4096
+_ROWS_PER_DRAW = 256  # strata drawn together: bounds the drawing temporaries to ~12 MiB
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    """splitmix64 finaliser: decorrelates nearby seeds (parameter ordinals, generations)."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def param_seed(base_seed: int, ordinal: int) -> int:
+    """A per-parameter seed from the process seed (``torch.initial_seed()``) and the parameter's position."""
+    return _mix64(_mix64(base_seed) ^ ordinal) >> 1  # 63 bits: fits an int64 tensor
+
+
+def _stratum_kept(length: int, density: float) -> int:
+    return int(round(density * length))
+
+
+def kept_count(numel: int, density: float) -> int:
+    """Number of coordinates with moments for a matrix of ``numel`` elements at ``density``."""
+    full, rest = divmod(numel, STRATUM)
+    return full * _stratum_kept(STRATUM, density) + _stratum_kept(rest, density)
+
+
+def _draw_rows(rows: int, length: int, kept: int, generator: torch.Generator, device: torch.device) -> Tensor:
+    mask = torch.zeros(rows, length, dtype=torch.bool, device=device)
+    if kept > 0:
+        keys = torch.rand(rows, length, generator=generator, device=device)
+        mask.scatter_(1, keys.topk(kept, dim=1, sorted=False).indices, True)
+    return mask
+
+
+def _pack(mask: Tensor) -> Tensor:
+    """Pack a flat boolean tensor (length a multiple of 8) into bytes, bit ``i % 8`` of byte ``i // 8``."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (mask.view(-1, 8).to(torch.uint8) << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def draw_mask(numel: int, density: float, seed: int, generation: int, device: torch.device | str) -> Tensor:
+    """Draw the bitmask of period ``generation`` (``uint8``, ``⌈numel/8⌉`` bytes) on ``device``."""
+    device = torch.device(device)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(_mix64(seed ^ _mix64(generation)) >> 1)
+    full, rest = divmod(numel, STRATUM)
+    bits = torch.empty((numel + 7) // 8, dtype=torch.uint8, device=device)
+    per_row = STRATUM // 8
+    for row in range(0, full, _ROWS_PER_DRAW):
+        rows = min(_ROWS_PER_DRAW, full - row)
+        chunk = _draw_rows(rows, STRATUM, _stratum_kept(STRATUM, density), generator, device)
+        bits[row * per_row : (row + rows) * per_row] = _pack(chunk.view(-1))
+    if rest:
+        tail = torch.zeros((rest + 7) // 8 * 8, dtype=torch.bool, device=device)
+        tail[:rest] = _draw_rows(1, rest, _stratum_kept(rest, density), generator, device).view(-1)
+        bits[full * per_row :] = _pack(tail)
+    return bits
+
+
+def unpack_mask(bits: Tensor, numel: int) -> Tensor:
+    """The boolean mask (flat, ``numel`` long) of a packed bitmask; one byte per coordinate, transient."""
+    shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
+    unpacked = (bits.unsqueeze(1) >> shifts).bitwise_and_(1)
+    return unpacked.view(-1)[:numel].view(torch.bool)
+
+
+def gather(tensor: Tensor, mask: Tensor) -> Tensor:
+    """Copy of the kept coordinates of ``tensor`` in row-major order (any strides)."""
+    return tensor.masked_select(mask.view(tensor.shape))
+
+
+def scatter_(tensor: Tensor, mask: Tensor, values: Tensor) -> None:
+    """Write ``values`` (the output of :func:`gather`) back into the kept coordinates of ``tensor``."""
+    tensor.masked_scatter_(mask.view(tensor.shape), values)
