@@ -49,10 +49,10 @@ def steps_since_reset(step: int, reset_interval: int) -> int | None:
     """The warmup counter ``c`` of the spec during step ``τ``, or ``None`` before the first reset.
 
     The spec keeps ``c`` as a counter that starts at ``N + 1``, is incremented after every step and set to 0
-    after steps ``kΔT − 1``; that is exactly ``τ mod ΔT`` once ``τ ≥ ΔT``, and ``≥ N`` (no warmup) before.
-    Deriving it keeps one source of truth (the step count) in the checkpoint.
+    after steps ``kΔT − 1 ≥ 1``; that is exactly ``τ mod ΔT`` once such a step has passed, and ``≥ N`` (no
+    warmup) before. Deriving it keeps one source of truth (the step count) in the checkpoint.
     """
-    if reset_interval <= 0 or step < reset_interval:
+    if reset_interval <= 0 or step // reset_interval * reset_interval < 2:
         return None
     return step % reset_interval
 

@@ -153,6 +153,8 @@ class SPAM(Optimizer):
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
+        # torch.optim.Optimizer.__setstate__ adds this key; set it here so copies and pickles compare equal.
+        self.defaults.setdefault("differentiable", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         _validate_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
