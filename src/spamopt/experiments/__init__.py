@@ -1,0 +1,1 @@
+"""Experiment harnesses. They import the optimizer library; the library never imports them."""

@@ -1,0 +1,1 @@
+"""LLaMA language-model experiments."""

@@ -1,0 +1,41 @@
+"""LLaMA model shapes of the SPAM paper's reference configs (``../shared/spec/spam.md``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LlamaConfig:
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    vocab: int = 32000
+    max_positions: int = 1024
+    norm_eps: float = 1e-6
+
+    def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Names and shapes of every parameter (untied embedding and head, RMSNorm weights)."""
+        h, i = self.hidden, self.intermediate
+        shapes: dict[str, tuple[int, ...]] = {"embed.weight": (self.vocab, h)}
+        for layer in range(self.layers):
+            prefix = f"layers.{layer}."
+            for name in ("q", "k", "v", "o"):
+                shapes[f"{prefix}attn.{name}.weight"] = (h, h)
+            shapes[f"{prefix}mlp.gate.weight"] = (i, h)
+            shapes[f"{prefix}mlp.up.weight"] = (i, h)
+            shapes[f"{prefix}mlp.down.weight"] = (h, i)
+            shapes[f"{prefix}attn_norm.weight"] = (h,)
+            shapes[f"{prefix}mlp_norm.weight"] = (h,)
+        shapes["norm.weight"] = (h,)
+        shapes["head.weight"] = (self.vocab, h)
+        return shapes
+
+
+CONFIGS: dict[str, LlamaConfig] = {
+    "60m": LlamaConfig(hidden=512, intermediate=1376, layers=8, heads=8),
+    "130m": LlamaConfig(hidden=768, intermediate=2048, layers=12, heads=12),
+    "350m": LlamaConfig(hidden=1024, intermediate=2736, layers=24, heads=16),
+    "1b": LlamaConfig(hidden=2048, intermediate=5461, layers=24, heads=32),
+}
