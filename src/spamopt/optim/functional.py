@@ -80,8 +80,11 @@ def _single_tensor_spam(
     warmup_multiplier: float,
     bias_correction_reset: bool,
     maximize: bool,
+    clip_counts: list[Tensor] | None,
 ) -> None:
-    for param, grad, exp_avg, exp_avg_sq, step, mask in zip(params, grads, exp_avgs, exp_avg_sqs, steps, masks):
+    for i, (param, grad, exp_avg, exp_avg_sq, step, mask) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, steps, masks)
+    ):
         param, grad, exp_avg, exp_avg_sq = _real(param), _real(grad), _real(exp_avg), _real(exp_avg_sq)
         keep_here = None if keep is None else keep.to(param.device, non_blocking=True)
         keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
@@ -97,6 +100,8 @@ def _single_tensor_spam(
 
         if threshold > 0:
             bound = exp_avg_sq.mul(threshold).sqrt_()
+            if clip_counts is not None:
+                clip_counts[i] = torch.count_nonzero(g.abs() > bound)
             torch.minimum(g, bound, out=g)
             torch.maximum(g, bound.neg_(), out=g)
             del bound
@@ -133,6 +138,7 @@ def _multi_tensor_spam(
     warmup_multiplier: float,
     bias_correction_reset: bool,
     maximize: bool,
+    clip_counts: list[Tensor] | None,
 ) -> None:
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     reals = [_real(p) for p in params]
@@ -159,6 +165,9 @@ def _multi_tensor_spam(
         if threshold > 0:
             bounds = torch._foreach_mul(vs, threshold)
             torch._foreach_sqrt_(bounds)
+            if clip_counts is not None:
+                for i, g, b in zip(index, gs, bounds):
+                    clip_counts[i] = torch.count_nonzero(g.abs() > b)
             torch._foreach_minimum_(gs, bounds)
             torch._foreach_neg_(bounds)
             torch._foreach_maximum_(gs, bounds)
@@ -206,6 +215,7 @@ def spam(
     bias_correction_reset: bool,
     maximize: bool,
     foreach: bool,
+    clip_counts: list[Tensor] | None = None,
 ) -> None:
     """Functional SPAM step over parallel lists (see the module docstring for the math).
 
@@ -218,6 +228,8 @@ def spam(
         threshold: the spike threshold θ in force for this step (0: no clipping this step).
         reset: zero the moments before the update.
         warmup_multiplier: the post-reset multiplier ``s`` for this step.
+        clip_counts: optional list as long as ``params``; when clipping is active, entry ``i`` is set to a
+            0-dim tensor counting the coordinates of parameter ``i`` clipped this step.
     """
     impl = _multi_tensor_spam if foreach else _single_tensor_spam
     impl(
@@ -238,4 +250,5 @@ def spam(
         warmup_multiplier=warmup_multiplier,
         bias_correction_reset=bias_correction_reset,
         maximize=maximize,
+        clip_counts=clip_counts,
     )

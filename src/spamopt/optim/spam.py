@@ -153,6 +153,12 @@ class SPAM(Optimizer):
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
+        #: Set to True (``spamopt.spikes.SpikeMonitor`` does) to fill :attr:`last_statistics` every step.
+        self.record_statistics = False
+        #: After a step with ``record_statistics``: ``clipped`` (param → 0-dim count of coordinates clipped,
+        #: on the device), ``reset`` (moments were reset), ``warmup_multiplier`` (smallest over groups),
+        #: ``skipped`` (0-dim bool: the step was skipped for non-finite gradients, or None).
+        self.last_statistics: dict[str, Any] | None = None
         # torch.optim.Optimizer.__setstate__ adds this key; set it here so copies and pickles compare equal.
         self.defaults.setdefault("differentiable", False)
 
@@ -271,6 +277,7 @@ class SPAM(Optimizer):
 
         keep = self._all_finite([g for group, _, grads, _ in batches if group["skip_nonfinite"] for g in grads])
 
+        statistics: dict[str, Any] = {"clipped": {}, "reset": False, "warmup_multiplier": 1.0, "skipped": None}
         for group, params, grads, masks in batches:
             if not params:
                 continue
@@ -281,6 +288,9 @@ class SPAM(Optimizer):
             if foreach is None:
                 foreach = all(p.is_cuda for p in params)
             states = [self.state[p] for p in params]
+            reset = schedule.is_reset_step(current, interval)
+            multiplier = schedule.warmup_multiplier(current, interval, group["warmup_steps"])
+            clip_counts: list[Tensor | None] | None = [None] * len(params) if self.record_statistics else None
             spam(
                 params,
                 grads,
@@ -295,13 +305,21 @@ class SPAM(Optimizer):
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
                 threshold=group["threshold"] if clipping else 0.0,
-                reset=schedule.is_reset_step(current, interval),
-                warmup_multiplier=schedule.warmup_multiplier(current, interval, group["warmup_steps"]),
+                reset=reset,
+                warmup_multiplier=multiplier,
                 bias_correction_reset=group["bias_correction_reset"],
                 maximize=group["maximize"],
                 foreach=foreach,
+                clip_counts=clip_counts,
             )
+            if clip_counts is not None:
+                statistics["clipped"].update((p, c) for p, c in zip(params, clip_counts) if c is not None)
+                statistics["reset"] = statistics["reset"] or reset
+                statistics["warmup_multiplier"] = min(statistics["warmup_multiplier"], multiplier)
 
+        if self.record_statistics:
+            statistics["skipped"] = None if keep is None else ~keep
+            self.last_statistics = statistics
         self._advance_clock(keep)
         for group in self.param_groups:
             if schedule.is_mask_redraw_step(current, group["reset_interval"]):

@@ -1,0 +1,184 @@
+"""Offline report of a monitored run: PNG plots and a markdown summary from ``spikes.jsonl``."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from .layers import LAYER_TYPES, layer_type
+from .monitor import RECORDS_FILE
+
+
+def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / RECORDS_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no {RECORDS_FILE} in {run_dir}: run a SpikeMonitor with run_dir={run_dir!s}")
+    with path.open(encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Spike totals by layer type, depth and tensor; loss; optimizer events."""
+    meta = next(r for r in records if r["kind"] == "meta")
+    numel = {t["name"]: t["numel"] for t in meta["tensors"]}
+    by_type: dict[str, dict[str, float]] = {k: {"spikes": 0, "numel": 0, "observations": 0} for k in LAYER_TYPES}
+    for name, count in numel.items():
+        by_type[layer_type(name)]["numel"] += count
+    by_tensor: dict[str, int] = defaultdict(int)
+    by_depth: dict[Any, int] = defaultdict(int)
+    depth_of = {t["name"]: t["depth"] for t in meta["tensors"]}
+    spikes_per_step: dict[int, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    max_gss = 0.0
+    for r in records:
+        if r["kind"] != "tensor" or "spikes" not in r:
+            continue
+        kind = layer_type(r["name"])
+        by_type[kind]["spikes"] += r["spikes"]
+        by_type[kind]["observations"] += numel[r["name"]]
+        by_tensor[r["name"]] += r["spikes"]
+        by_depth[depth_of[r["name"]]] += r["spikes"]
+        spikes_per_step[r["step"]][kind] += r["spikes"]
+        max_gss = max(max_gss, r["max_gss"])
+    optimizer = [r for r in records if r["kind"] == "optimizer"]
+    return {
+        "threshold": meta["threshold"],
+        "by_type": {k: v for k, v in by_type.items() if v["numel"]},
+        "by_tensor": dict(by_tensor),
+        "by_depth": dict(by_depth),
+        "spikes_per_step": {s: dict(v) for s, v in sorted(spikes_per_step.items())},
+        "max_gss": max_gss,
+        "loss": [(r["step"], r["loss"]) for r in records if r["kind"] == "loss"],
+        "clipped": sum(sum(r["clipped"].values()) for r in optimizer),
+        "resets": [r["step"] for r in optimizer if r["reset"]],
+        "skipped": [r["step"] for r in optimizer if r["skipped"]],
+        "histogram": _histogram(records, meta),
+    }
+
+
+def _histogram(records, meta):
+    counts = None
+    for r in records:
+        if r["kind"] == "gss_histogram":
+            counts = r["counts"] if counts is None else [a + b for a, b in zip(counts, r["counts"])]
+    return (meta["histogram_edges"], counts) if counts else None
+
+
+def _plots(records, summary, out: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    steps = sorted({r["step"] for r in records if r["kind"] == "tensor"})
+    kinds = [k for k in LAYER_TYPES if k in summary["by_type"]]
+    spike_steps = summary["spikes_per_step"]
+
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[2, 1])
+    if summary["loss"]:
+        x, y = zip(*summary["loss"])
+        top.plot(x, y, lw=1, color="tab:blue", label="training loss")
+        loss_at = dict(summary["loss"])
+        marked = [s for s, v in spike_steps.items() if sum(v.values()) > 0 and s in loss_at]
+        if marked:
+            top.scatter(marked, [loss_at[s] for s in marked], color="tab:red", s=14, zorder=3,
+                        label=f"step with GSS > {summary['threshold']:g}")
+        for step in summary["resets"]:
+            top.axvline(step, color="grey", lw=0.6, ls=":")
+        top.legend(loc="upper right")
+    top.set_ylabel("loss")
+    top.set_title("Training loss and gradient spikes")
+    totals = [sum(spike_steps.get(s, {}).values()) for s in steps]
+    bottom.bar(steps, totals, width=1.0, color="tab:red")
+    bottom.set_yscale("symlog")
+    bottom.set_ylabel("spiking coordinates")
+    bottom.set_xlabel("step")
+    fig.tight_layout()
+    paths.append(out / "loss_spikes.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(9, 4))
+    for kind in kinds:
+        ax.plot(steps, [spike_steps.get(s, {}).get(kind, 0) for s in steps], lw=1, label=kind)
+    ax.set_yscale("symlog")
+    ax.set_xlabel("step")
+    ax.set_ylabel("spiking coordinates")
+    ax.set_title("Spikes per step by layer type")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out / "spikes_by_layer_type.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    meta = next(r for r in records if r["kind"] == "meta")
+    names = [t["name"] for t in meta["tensors"] if t["mode"] == "element"]
+    row_of = {n: i for i, n in enumerate(names)}
+    col_of = {s: i for i, s in enumerate(steps)}
+    import numpy as np
+
+    grid = np.zeros((len(names), len(steps)))
+    for r in records:
+        if r["kind"] == "tensor" and "spikes" in r:
+            grid[row_of[r["name"]], col_of[r["step"]]] = r["spikes"]
+    fig, ax = plt.subplots(figsize=(10, max(3, 0.18 * len(names) + 1.5)))
+    image = ax.imshow(np.log10(1 + grid), aspect="auto", interpolation="nearest", cmap="magma",
+                      extent=(steps[0] - 0.5, steps[-1] + 0.5, len(names) - 0.5, -0.5) if steps else None)
+    ax.set_yticks(range(len(names)), names, fontsize=6 if len(names) > 30 else 8)
+    ax.set_xlabel("step")
+    ax.set_title("Spiking coordinates per tensor (log10(1 + count))")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    paths.append(out / "spikes_heatmap.png")
+    fig.savefig(paths[-1], dpi=120)
+    plt.close(fig)
+
+    if summary["histogram"]:
+        edges, counts = summary["histogram"]
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.stairs(counts, edges, fill=True, color="tab:blue")
+        ax.axvline(summary["threshold"], color="tab:red", ls="--", label=f"threshold {summary['threshold']:g}")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("Gradient Spike Score (first bin: ≤ 1e-3, zeros included)")
+        ax.set_ylabel("coordinate-steps")
+        ax.set_title("Distribution of the Gradient Spike Score")
+        ax.legend()
+        fig.tight_layout()
+        paths.append(out / "gss_histogram.png")
+        fig.savefig(paths[-1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Write the PNG plots and ``report.md`` into ``run_dir``; returns the markdown path."""
+    run_dir = Path(run_dir)
+    records = load_records(run_dir)
+    summary = summarize(records)
+    images = _plots(records, summary, run_dir)
+    lines = [f"# Gradient-spike report: {run_dir.name}", "",
+             f"Spike: Gradient Spike Score > {summary['threshold']:g}. Largest GSS seen: {summary['max_gss']:.1f}.",
+             ""]
+    if summary["loss"]:
+        first, last = summary["loss"][0], summary["loss"][-1]
+        lines += [f"Loss {first[1]:.4f} (step {first[0]}) → {last[1]:.4f} (step {last[0]}).", ""]
+    lines += ["| layer type | parameters | spikes | spikes per million coordinate-steps |",
+              "| --- | ---: | ---: | ---: |"]
+    for kind, row in summary["by_type"].items():
+        rate = 1e6 * row["spikes"] / row["observations"] if row["observations"] else 0.0
+        lines.append(f"| {kind} | {row['numel']:,} | {row['spikes']:,} | {rate:.2f} |")
+    top = sorted(summary["by_tensor"].items(), key=lambda kv: -kv[1])[:10]
+    lines += ["", "Tensors with the most spikes:", ""] + [f"- `{n}`: {c:,}" for n, c in top if c]
+    if summary["by_depth"]:
+        lines += ["", "Spikes by block depth: " + ", ".join(
+            f"{'—' if d is None else d}: {c:,}" for d, c in sorted(summary["by_depth"].items(),
+                                                                   key=lambda kv: (kv[0] is None, kv[0] or 0)))]
+    lines += ["", f"Optimizer: {summary['clipped']:,} coordinates clipped, resets at steps "
+              f"{summary['resets'] or 'none'}, skipped steps {summary['skipped'] or 'none'}.", ""]
+    lines += [f"![{p.stem}]({p.name})" for p in images]
+    path = run_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
