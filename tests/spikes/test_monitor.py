@@ -1,0 +1,185 @@
+"""SpikeMonitor against planted spikes and a float64 reference of the Gradient Spike Score."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from spamopt import SPAM
+from spamopt.spikes import SpikeMonitor, depth, layer_type
+from spamopt.spikes.report import build_report, load_records, summarize
+
+
+def _named(shapes):
+    return [(name, torch.nn.Parameter(torch.zeros(shape))) for name, shape in shapes.items()]
+
+
+SHAPES = {"layers.0.attn.q.weight": (6, 8), "layers.0.attn_norm.weight": (8,), "head.weight": (4, 8)}
+
+
+def _stationary(rng, shape):
+    return (rng.standard_normal(shape) * 0.1).astype(np.float32)
+
+
+def _records(run_dir, kind="tensor"):
+    return [r for r in load_records(run_dir) if r["kind"] == kind]
+
+
+def test_planted_spikes_are_found_exactly(tmp_path):
+    """Three 1000x spikes planted at known (tensor, step, coordinate) after 80 steps of Gaussian noise: the
+    monitor reports exactly those counts at exactly those steps and tensors, and nothing else."""
+    rng = np.random.default_rng(0)
+    named = _named(SHAPES)
+    planted = {(85, "layers.0.attn_norm.weight"): [(3,)], (90, "head.weight"): [(1, 2), (3, 7)]}
+    with SpikeMonitor(named, tmp_path, flush_every=7) as monitor:
+        for step in range(1, 101):
+            for name, p in named:
+                g = (0.1 * rng.choice([-1, 1], size=p.shape)).astype(np.float32)
+                for coord in planted.get((step, name), []):
+                    g[coord] *= 1000.0
+                p.grad = torch.from_numpy(g)
+            monitor.observe()
+    found = {(r["step"], r["name"]): r["spikes"] for r in _records(tmp_path) if r["spikes"]}
+    assert found == {key: len(coords) for key, coords in planted.items()}
+
+
+def test_gss_matches_a_float64_reference(tmp_path):
+    rng = np.random.default_rng(1)
+    named = _named({"w": (5, 7)})
+    grads = [rng.standard_normal((5, 7)) * rng.lognormal(0, 2, size=(5, 7)) for _ in range(60)]
+    grads[0][0, 0] = 0.0  # a coordinate that is zero at first
+    with SpikeMonitor(named, tmp_path, threshold=3.0, flush_every=9) as monitor:
+        for g in grads:
+            named[0][1].grad = torch.tensor(g, dtype=torch.float32)
+            monitor.observe()
+    records = _records(tmp_path)
+    history = np.zeros((5, 7))
+    for t, (g, record) in enumerate(zip(grads, records), start=1):
+        history += np.abs(np.float32(g).astype(np.float64))
+        gss = np.abs(np.float32(g)) / (history / t)
+        gss = np.nan_to_num(gss)
+        assert record["step"] == t
+        assert record["spikes"] == int((gss > 3.0).sum())
+        assert record["max_gss"] == pytest.approx(gss.max(), rel=1e-5)
+        assert record["spike_fraction"] == pytest.approx((gss > 3.0).mean(), rel=1e-6)
+        assert record["grad_norm"] == pytest.approx(np.linalg.norm(np.float32(g)), rel=1e-5)
+
+
+def test_stationary_stream_yields_no_spikes(tmp_path):
+    rng = np.random.default_rng(2)
+    named = _named(SHAPES)
+    with SpikeMonitor(named, tmp_path) as monitor:
+        for _ in range(200):
+            for _, p in named:
+                p.grad = torch.from_numpy(_stationary(rng, p.shape))
+            monitor.observe()
+    assert sum(r["spikes"] for r in _records(tmp_path)) == 0
+
+
+def test_tensor_mode_z_scores_match_welford_reference(tmp_path):
+    rng = np.random.default_rng(3)
+    named = _named({"w": (10,)})
+    norms = []
+    with SpikeMonitor(named, tmp_path, mode="tensor", flush_every=4) as monitor:
+        for step in range(30):
+            g = _stationary(rng, (10,)) * (100.0 if step == 25 else 1.0)
+            norms.append(np.linalg.norm(g.astype(np.float64)))
+            named[0][1].grad = torch.from_numpy(g)
+            monitor.observe()
+    records = _records(tmp_path)
+    assert "spikes" not in records[0]
+    for t, record in enumerate(records):
+        past = np.array(norms[:t])
+        expected = 0.0 if t < 2 else (norms[t] - past.mean()) / past.std(ddof=1)
+        assert record["norm_z"] == pytest.approx(expected, rel=1e-4, abs=1e-5)
+    assert records[25]["norm_z"] > 50
+
+
+def test_nullify_zeroes_exactly_the_spiking_coordinates(tmp_path):
+    named = _named({"w": (4, 4)})
+    with SpikeMonitor(named, tmp_path, nullify=True, threshold=10.0) as monitor:
+        for step in range(1, 31):
+            g = torch.full((4, 4), 0.5)
+            if step == 30:
+                g[2, 1] = 500.0
+            named[0][1].grad = g
+            monitor.observe()
+    expected = torch.full((4, 4), 0.5)
+    expected[2, 1] = 0.0
+    assert torch.equal(named[0][1].grad, expected)
+
+
+def test_spam_statistics_are_recorded_through_the_step_hook(tmp_path):
+    """Clipped counts per tensor equal a direct count of g² > θ·v on the same step; resets are logged."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(64))
+    opt = SPAM([p], threshold=25.0, clip_delay=2, reset_interval=8, warmup_steps=2)
+    expected = []
+    with SpikeMonitor([("layers.0.mlp.up.weight", p)], tmp_path, optimizer=opt, flush_every=5) as monitor:
+        for step in range(1, 13):
+            g = torch.randn(64) * (30.0 if step in (5, 11) else 1.0)
+            v = opt.state[p]["exp_avg_sq"].clone() if opt.state else torch.zeros(64)
+            active = step >= 2 and step % 8 >= 2
+            expected.append(int((g * g > 25.0 * v).sum()) if active else 0)
+            p.grad = g
+            monitor.observe()
+            opt.step()
+    records = _records(tmp_path, "optimizer")
+    assert [sum(r["clipped"].values()) for r in records] == expected
+    assert expected[4] > 0 and expected[10] > 0
+    assert [r["step"] for r in records if r["reset"]] == [8]
+    assert records[7]["warmup_multiplier"] == pytest.approx(0.01)
+
+
+def test_report_renders_pngs_and_summary(tmp_path):
+    rng = np.random.default_rng(4)
+    named = _named(SHAPES)
+    p = named[0][1]
+    opt = SPAM([q for _, q in named], lr=1e-2, reset_interval=30, clip_delay=2, warmup_steps=5)
+    with SpikeMonitor(named, tmp_path, optimizer=opt, flush_every=10) as monitor:
+        for step in range(1, 81):
+            for _, q in named:
+                q.grad = torch.from_numpy(_stationary(rng, q.shape) * (500.0 if step == 70 else 1.0))
+            monitor.observe(loss=float(step ** -0.5))
+            opt.step()
+    markdown = build_report(tmp_path)
+    for image in ("loss_spikes.png", "spikes_by_layer_type.png", "spikes_heatmap.png", "gss_histogram.png"):
+        assert (tmp_path / image).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f"({image})" in markdown.read_text()
+    summary = summarize(load_records(tmp_path))
+    assert summary["resets"] == [30, 60] and summary["spikes_per_step"][70]
+    assert p.grad is not None
+
+
+def test_flush_is_periodic_and_records_are_json_lines(tmp_path):
+    named = _named({"w": (3,)})
+    monitor = SpikeMonitor(named, tmp_path, flush_every=5)
+    for _ in range(7):
+        named[0][1].grad = torch.ones(3)
+        monitor.observe()
+    lines = (tmp_path / "spikes.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines].count("tensor") == 5
+    monitor.close()
+    lines = (tmp_path / "spikes.jsonl").read_text().splitlines()
+    assert [json.loads(line)["kind"] for line in lines].count("tensor") == 7
+
+
+def test_layer_types_and_depths_from_names():
+    assert layer_type("layers.3.attn.q.weight") == "attention" and depth("layers.3.attn.q.weight") == 3
+    assert layer_type("model.layers.0.mlp.down_proj.weight") == "mlp"
+    assert layer_type("transformer.h.2.ln_1.weight") == "norm" and depth("transformer.h.2.ln_1.weight") == 2
+    assert layer_type("embed.weight") == "embedding" and layer_type("lm_head.weight") == "head"
+    assert depth("norm.weight") is None
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(threshold=0), "Invalid threshold value: 0"),
+    (dict(flush_every=0), "Invalid flush_every value: 0"),
+    (dict(mode="coordinate"), "Invalid mode value for w: 'coordinate'"),
+])
+def test_bad_monitor_arguments(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SpikeMonitor(_named({"w": (3,)}), tmp_path, **kwargs)
