@@ -65,6 +65,15 @@ def _histogram(records, meta):
     return (meta["histogram_edges"], counts) if counts else None
 
 
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def _plots(records, summary, out: Path) -> list[Path]:
     import matplotlib
 
@@ -95,10 +104,7 @@ def _plots(records, summary, out: Path) -> list[Path]:
     bottom.set_yscale("symlog")
     bottom.set_ylabel("spiking coordinates")
     bottom.set_xlabel("step")
-    fig.tight_layout()
-    paths.append(out / "loss_spikes.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "loss_spikes.png"))
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for kind in kinds:
@@ -108,10 +114,7 @@ def _plots(records, summary, out: Path) -> list[Path]:
     ax.set_ylabel("spiking coordinates")
     ax.set_title("Spikes per step by layer type")
     ax.legend()
-    fig.tight_layout()
-    paths.append(out / "spikes_by_layer_type.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "spikes_by_layer_type.png"))
 
     meta = next(r for r in records if r["kind"] == "meta")
     names = [t["name"] for t in meta["tensors"] if t["mode"] == "element"]
@@ -130,10 +133,7 @@ def _plots(records, summary, out: Path) -> list[Path]:
     ax.set_xlabel("step")
     ax.set_title("Spiking coordinates per tensor (log10(1 + count))")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    paths.append(out / "spikes_heatmap.png")
-    fig.savefig(paths[-1], dpi=120)
-    plt.close(fig)
+    paths.append(_save(fig, out / "spikes_heatmap.png"))
 
     if summary["histogram"]:
         edges, counts = summary["histogram"]
@@ -146,10 +146,7 @@ def _plots(records, summary, out: Path) -> list[Path]:
         ax.set_ylabel("coordinate-steps")
         ax.set_title("Distribution of the Gradient Spike Score")
         ax.legend()
-        fig.tight_layout()
-        paths.append(out / "gss_histogram.png")
-        fig.savefig(paths[-1], dpi=120)
-        plt.close(fig)
+        paths.append(_save(fig, out / "gss_histogram.png"))
     return paths
 
 
