@@ -3,6 +3,7 @@ the arithmetic lives in :mod:`spamopt.optim.functional`."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Iterable
 from numbers import Integral, Real
@@ -342,7 +343,8 @@ def _real_numel(param: Tensor) -> int:
     return param.numel() * (2 if param.is_complex() else 1)
 
 
-_SPAM_DEFAULT_FLAGS = dict(
-    threshold=5000.0, reset_interval=500, warmup_steps=150, clip_delay=20, density=1.0,
-    bias_correction_reset=False, maximize=False, foreach=None, skip_nonfinite=True,
-)
+# Keyword-only arguments added after the first release; older pickles get them from the signature.
+_SPAM_DEFAULT_FLAGS = {
+    name: arg.default for name, arg in inspect.signature(SPAM.__init__).parameters.items()
+    if arg.kind is inspect.Parameter.KEYWORD_ONLY
+}

@@ -70,6 +70,7 @@ class SpikeMonitor:
         self.names = [n for n, p in named if p.requires_grad]
         self.params = [p for _, p in named if p.requires_grad]
         self.modes = [self._mode_of(mode, n, p) for n, p in zip(self.names, self.params)]
+        self._position = {id(p): i for i, p in enumerate(self.params)}
         self.threshold, self.flush_every, self.nullify = float(threshold), flush_every, nullify
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -164,8 +165,7 @@ class SpikeMonitor:
         statistics = getattr(optimizer, "last_statistics", None)
         if not statistics:
             return
-        position = {id(p): i for i, p in enumerate(self.params)}
-        clipped = {position[id(p)]: c for p, c in statistics["clipped"].items() if id(p) in position}
+        clipped = {self._position[id(p)]: c for p, c in statistics["clipped"].items() if id(p) in self._position}
         self._pending.append(("optimizer", self.step, (clipped, statistics)))
 
     # ---------------------------------------------------------------------------------------- I/O
