@@ -1,0 +1,28 @@
+"""The LLaMA shapes used by the benchmarks and the demo: the model builds exactly the declared parameters, and
+the reference configs have the sizes the paper names (60M ... 1B; 1.34B for '1b' with an untied head)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from spamopt.experiments.lm.config import CONFIGS
+from spamopt.experiments.lm.model import Llama
+
+
+@pytest.mark.parametrize("name,low,high", [("60m", 57e6, 60e6), ("130m", 133e6, 136e6),
+                                           ("350m", 366e6, 370e6), ("1b", 1.33e9, 1.35e9)])
+def test_reference_configs_have_the_papers_sizes(name, low, high):
+    assert low < sum(math.prod(s) for s in CONFIGS[name].parameter_shapes().values()) < high
+
+
+def test_model_parameters_match_declared_shapes_and_forward_is_causal():
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"])
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == CONFIGS["tiny"].parameter_shapes()
+    tokens = torch.randint(0, 256, (2, 12))
+    changed = tokens.clone()
+    changed[:, 8:] = (changed[:, 8:] + 1) % 256
+    torch.testing.assert_close(model(tokens)[:, :8], model(changed)[:, :8])  # the future cannot leak back
