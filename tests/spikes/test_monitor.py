@@ -183,3 +183,20 @@ def test_layer_types_and_depths_from_names():
 def test_bad_monitor_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
         SpikeMonitor(_named({"w": (3,)}), tmp_path, **kwargs)
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    """Optional extra: skipped where the tensorboard package is not installed."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    named = _named({"layers.0.mlp.up.weight": (4,)})
+    with SpikeMonitor(named, tmp_path, tensorboard=True, flush_every=2) as monitor:
+        for step in range(4):
+            named[0][1].grad = torch.ones(4) * (step + 1)
+            monitor.observe(loss=1.0 / (step + 1))
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "loss" in tags and "spikes/mlp/layers.0.mlp.up.weight" in tags
+    assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
