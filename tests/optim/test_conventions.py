@@ -226,6 +226,10 @@ def test_deepcopy_is_independent_and_identical():
     assert copied.defaults == opt.defaults
     first = next(iter(opt.state.values()))["exp_avg"]
     assert all(s["exp_avg"].data_ptr() != first.data_ptr() for s in copied.state.values())
+    copied.step()  # a copy restores only defaults, state and groups: it must still step as made
+    copied.record_statistics = True
+    copied.step()
+    assert copied.last_statistics is not None and opt.last_statistics is None
 
 
 def test_optimizer_can_be_printed():

@@ -128,6 +128,15 @@ class SPAM(Optimizer):
     from ``torch.initial_seed()`` and the parameter's position, so seed every data-parallel rank alike.
     """
 
+    # Telemetry, not state: class-level defaults, so instances made by deepcopy or unpickling (which restore
+    # only defaults, state and param_groups) have them too.
+    #: Set to True (``spamopt.spikes.SpikeMonitor`` does) to fill :attr:`last_statistics` every step.
+    record_statistics: bool = False
+    #: After a step with ``record_statistics``: ``clipped`` (param → 0-dim count of coordinates clipped, on
+    #: the device), ``reset`` (moments were reset), ``warmup_multiplier`` (smallest over groups), ``skipped``
+    #: (0-dim bool: the step was skipped for non-finite gradients, or None).
+    last_statistics: dict[str, Any] | None = None
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -154,12 +163,6 @@ class SPAM(Optimizer):
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
-        #: Set to True (``spamopt.spikes.SpikeMonitor`` does) to fill :attr:`last_statistics` every step.
-        self.record_statistics = False
-        #: After a step with ``record_statistics``: ``clipped`` (param → 0-dim count of coordinates clipped,
-        #: on the device), ``reset`` (moments were reset), ``warmup_multiplier`` (smallest over groups),
-        #: ``skipped`` (0-dim bool: the step was skipped for non-finite gradients, or None).
-        self.last_statistics: dict[str, Any] | None = None
         # torch.optim.Optimizer.__setstate__ adds this key; set it here so copies and pickles compare equal.
         self.defaults.setdefault("differentiable", False)
 
