@@ -132,6 +132,7 @@ def test_spam_statistics_are_recorded_through_the_step_hook(tmp_path):
     assert expected[4] > 0 and expected[10] > 0
     assert [r["step"] for r in records if r["reset"]] == [8]
     assert records[7]["warmup_multiplier"] == pytest.approx(0.01)
+    assert opt.record_statistics is False  # closing the monitor stops the optimizer's extra counting
 
 
 def test_report_renders_pngs_and_summary(tmp_path):

@@ -88,13 +88,11 @@ class SpikeMonitor:
             if hasattr(optimizer, "record_statistics"):
                 optimizer.record_statistics = True
             self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
-        self._tensorboard = None
+        self._tensorboard = self._open_tensorboard() if tensorboard else None
         self._write({"kind": "meta", "threshold": self.threshold, "tensors": [
             {"name": n, "layer_type": layer_type(n), "depth": depth(n), "numel": p.numel(), "mode": m}
             for n, p, m in zip(self.names, self.params, self.modes)
         ], "histogram_edges": GSS_HISTOGRAM_EDGES})
-        if tensorboard:
-            self._tensorboard = self._open_tensorboard()
 
     @staticmethod
     def _mode_of(mode: Any, name: str, param: Tensor) -> Mode:
@@ -220,11 +218,13 @@ class SpikeMonitor:
             self._tensorboard.add_scalar(f"spikes/{kind}/{record['name']}", record["spikes"], record["step"])
 
     def close(self) -> None:
-        """Flush, detach from the optimizer and close the files."""
+        """Flush, detach from the optimizer (and stop its statistics) and close the files."""
         self.flush()
         if self._hook is not None:
             self._hook.remove()
             self._hook = None
+            if hasattr(self._optimizer, "record_statistics"):  # stop paying for clip counts
+                self._optimizer.record_statistics = False
         if self._tensorboard is not None:
             self._tensorboard.close()
         self._file.close()
