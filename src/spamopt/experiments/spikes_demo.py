@@ -17,9 +17,9 @@ from .lm.data import random_windows, stdlib_bytes
 from .lm.model import Llama
 
 
-def run(run_dir: Path, optimizer: str, steps: int = 300, lr: float = 3e-3, seed: int = 0) -> Path:
+def run(data: torch.Tensor, run_dir: Path, optimizer: str, steps: int = 300, lr: float = 3e-3,
+        seed: int = 0) -> Path:
     torch.manual_seed(seed)
-    data = stdlib_bytes()
     model = Llama(CONFIGS["tiny"])
     if optimizer == "spam":
         # Paper defaults scaled to a 300-step run: reset every 100 steps, 20-step warmup, 10-step clip delay.
@@ -41,4 +41,5 @@ def run(run_dir: Path, optimizer: str, steps: int = 300, lr: float = 3e-3, seed:
 
 
 def main(run_dir: Path, steps: int) -> list[Path]:
-    return [run(run_dir, name, steps) for name in ("adamw", "spam")]
+    data = stdlib_bytes()
+    return [run(data, run_dir, name, steps) for name in ("adamw", "spam")]

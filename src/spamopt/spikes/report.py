@@ -79,6 +79,7 @@ def _plots(records, summary, out: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     paths = []
     steps = sorted({r["step"] for r in records if r["kind"] == "tensor"})
@@ -120,8 +121,6 @@ def _plots(records, summary, out: Path) -> list[Path]:
     names = [t["name"] for t in meta["tensors"] if t["mode"] == "element"]
     row_of = {n: i for i, n in enumerate(names)}
     col_of = {s: i for i, s in enumerate(steps)}
-    import numpy as np
-
     grid = np.zeros((len(names), len(steps)))
     for r in records:
         if r["kind"] == "tensor" and "spikes" in r:
