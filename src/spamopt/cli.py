@@ -3,12 +3,52 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
+import typing
 from pathlib import Path
+from typing import Any
+
+
+def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
+    """One ``--option`` per dataclass field, typed from its annotation, defaulting to the field's default."""
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):
+        if spec.name in skip:
+            continue
+        flag = "--" + spec.name.replace("_", "-")
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        kind = hints[spec.name]
+        if kind is bool:
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            continue
+        if typing.get_origin(kind) is dict:
+            convert: Any = json.loads
+        else:
+            options = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
+            convert = options[0]
+        parser.add_argument(flag, type=convert, default=default, metavar=spec.name.upper())
+
+
+def _config(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in vars(args).items() if k in names}, **overrides)
 
 
 def main(argv: list[str] | None = None) -> None:
+    from spamopt.experiments.lm.compare import CompareConfig
+    from spamopt.experiments.lm.train import TrainConfig
+
     parser = argparse.ArgumentParser(prog="spamopt", description="SPAM optimizer tools")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="pre-train a LLaMA with one optimizer (torchrun for several GPUs)")
+    _add_dataclass_options(train, TrainConfig)
+
+    compare = commands.add_parser("compare", help="several optimizers × seeds on one config, and a report")
+    _add_dataclass_options(compare, CompareConfig)
+    _add_dataclass_options(compare, TrainConfig, skip=("optimizer", "seed", "run_dir", "resume", "optimizer_args"))
+
     spikes = commands.add_parser("spikes", help="gradient-spike telemetry").add_subparsers(dest="action",
                                                                                           required=True)
     report = spikes.add_parser("report", help="plots and a markdown summary of a monitored run")
@@ -18,7 +58,16 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--steps", type=int, default=300)
     args = parser.parse_args(argv)
 
-    if args.action == "report":
+    if args.command == "train":
+        from spamopt.experiments.lm.train import train as run_train
+
+        print(json.dumps(run_train(_config(TrainConfig, args)), indent=2))
+    elif args.command == "compare":
+        from spamopt.experiments.lm.compare import compare as run_compare
+
+        base = _config(TrainConfig, args, run_dir=str(args.out_dir))
+        print(run_compare(_config(CompareConfig, args), base))
+    elif args.action == "report":
         from spamopt.spikes.report import build_report
 
         print(build_report(args.run_dir))

@@ -242,14 +242,21 @@ class SPAM(Optimizer):
         """One 0-dim boolean: are all gradients finite? Computed on the device, no host synchronisation."""
         if not grads:
             return None
+        sharded = any(_is_distributed_tensor(g) for g in grads)
         by_device: dict[torch.device, list[Tensor]] = {}
-        for g in grads:
+        for g in map(_local, grads):
             by_device.setdefault(g.device, []).append(torch.view_as_real(g) if g.is_complex() else g)
         flags = [
             torch.stack(torch._foreach_norm(gs, float("inf"))).isfinite().all() for gs in by_device.values()
         ]
         home = flags[0].device
-        return torch.stack([f.to(home, non_blocking=True) for f in flags]).all()
+        flag = torch.stack([f.to(home, non_blocking=True) for f in flags]).all()
+        if sharded:
+            # Each rank sees only its shard: agree on the decision, or ranks would drift apart.
+            agreed = flag.to(torch.int32)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            flag = agreed.bool()
+        return flag
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -272,6 +279,9 @@ class SPAM(Optimizer):
                 if param.grad.is_sparse:
                     raise RuntimeError("SPAM does not support sparse gradients")
                 if not self.state[param]:
+                    if group["density"] < 1.0 and param.dim() == 2 and _is_distributed_tensor(param):
+                        raise NotImplementedError("SPAM's sparse momentum (density < 1) does not support "
+                                                  "sharded DTensor parameters (FSDP2); use density=1.0")
                     self._init_state(param, group, completed, ordinal - 1)
                 params.append(param)
                 grads.append(param.grad)
@@ -296,10 +306,10 @@ class SPAM(Optimizer):
             multiplier = schedule.warmup_multiplier(current, interval, group["warmup_steps"])
             clip_counts: list[Tensor | None] | None = [None] * len(params) if self.record_statistics else None
             spam(
-                params,
-                grads,
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_sq"] for s in states],
+                [_local(p) for p in params],
+                [_local(g) for g in grads],
+                [_local(s["exp_avg"]) for s in states],
+                [_local(s["exp_avg_sq"]) for s in states],
                 [s["step"] for s in states],
                 masks,
                 keep=keep if group["skip_nonfinite"] else None,
@@ -340,6 +350,15 @@ class SPAM(Optimizer):
             skipped = (~keep).float()
             for s in states:
                 s["skipped_steps"].add_(skipped.to(s["skipped_steps"].device, non_blocking=True))
+
+
+def _is_distributed_tensor(tensor: Tensor) -> bool:
+    return hasattr(tensor, "to_local") and hasattr(tensor, "placements")
+
+
+def _local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2): SPAM's dense step is elementwise, so each rank updates its shard."""
+    return tensor.to_local() if _is_distributed_tensor(tensor) else tensor
 
 
 def _real_numel(param: Tensor) -> int:

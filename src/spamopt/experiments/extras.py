@@ -1,0 +1,17 @@
+"""Optional dependencies of the experiments, imported on use with a message naming the extra to install."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+
+def require(module: str, extra: str, package: str | None = None) -> ModuleType:
+    """Import ``module`` or raise ``ImportError`` saying ``pip install 'spamopt[extra]'``."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        package = package or module
+        raise ImportError(
+            f"this needs the `{package}` package: pip install 'spamopt[{extra}]' (or pip install {package})"
+        ) from error

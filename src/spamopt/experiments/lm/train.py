@@ -1,0 +1,371 @@
+"""LLaMA pre-training on one process or under ``torchrun`` (DDP or FSDP2), read top to bottom.
+
+The global batch (``batch_size`` sequences per optimizer step) is fixed whatever the number of processes:
+step ``s`` uses samples ``s·B … s·B + B − 1`` of :class:`TokenWindows`, cut into ``accumulation × world``
+micro-batches, so a run on N processes sees the same data as a run on one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from . import checkpoint
+from .config import CONFIGS
+from .data import DataConfig, TokenData, TokenWindows, prepare
+from .model import Llama
+from .optimizers import OptimizerSetup, build_optimizer, state_bytes
+
+
+@dataclass
+class TrainConfig:
+    """Everything a run depends on; saved as ``config.json`` in the run directory."""
+
+    model: str = "mini"  # a key of CONFIGS; its vocabulary is the tokenizer's
+    data: str = "stdlib"  # see spamopt.experiments.lm.data
+    vocab_size: int = 8192
+    tokenizer: str | None = None  # a tokenizer.json to use instead of training a BPE
+    max_train_tokens: int | None = None
+    cache_dir: str = "runs/cache"
+    seq_len: int = 128
+    batch_size: int = 16  # sequences per optimizer step, over all processes and micro-steps
+    micro_batch_size: int = 0  # sequences per process per forward pass; 0: batch_size / processes
+    optimizer: str = "spam"
+    optimizer_args: dict[str, Any] = field(default_factory=dict)  # passed to the optimizer's constructor
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    steps: int = 300
+    warmup_steps: int = 30  # linear LR warmup, then cosine decay to min_lr_ratio · lr
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 0.0  # global-norm clipping for any optimizer; 0: off
+    seed: int = 0
+    eval_every: int = 100
+    eval_tokens: int = 65_536
+    log_every: int = 10
+    checkpoint_every: int = 100
+    run_dir: str = "runs/train"
+    resume: bool = False  # continue from run_dir/checkpoint.pt when it exists
+    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
+    spikes: bool = False  # spike telemetry (SpikeMonitor) into run_dir/spikes
+    tensorboard: bool = False
+    wandb: bool = False  # offline unless WANDB_MODE says otherwise
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "model": (self.model in CONFIGS, f"one of {', '.join(CONFIGS)}"),
+            "seq_len": (self.seq_len >= 1, ">= 1"),
+            "batch_size": (self.batch_size >= 1, ">= 1"),
+            "micro_batch_size": (self.micro_batch_size >= 0, ">= 0"),
+            "lr": (self.lr >= 0, ">= 0"),
+            "steps": (self.steps >= 1, ">= 1"),
+            "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
+            "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
+            "grad_clip": (self.grad_clip >= 0, ">= 0"),
+            "eval_every": (self.eval_every >= 0, ">= 0 (0: only at the end)"),
+            "checkpoint_every": (self.checkpoint_every >= 0, ">= 0 (0: only at the end)"),
+            "log_every": (self.log_every >= 1, ">= 1"),
+            "parallel": (self.parallel in ("ddp", "fsdp"), "'ddp' or 'fsdp'"),
+        }
+        for name, (ok, accepted) in checks.items():
+            if not ok:
+                raise ValueError(f"Invalid {name} value: {getattr(self, name)!r} ({accepted})")
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
+    """Linear warmup ``(step+1)/warmup`` for the first ``warmup_steps`` updates, then a cosine from 1 down to
+    ``min_ratio`` at the last update (0-based ``step``)."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+# ----------------------------------------------------------------------------------------- processes
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int
+    world: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @staticmethod
+    def start() -> Processes:
+        """One process, or the ``torchrun`` group (NCCL on GPUs, gloo on CPUs)."""
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        if world > 1 and not dist.is_initialized():
+            if device.type == "cuda":
+                torch.cuda.set_device(device)
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        return Processes(dist.get_rank() if world > 1 else 0, world, device)
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def mean(self, value: Tensor) -> Tensor:
+        if self.distributed:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world
+        return value
+
+
+def _wrap(model: nn.Module, config: TrainConfig, processes: Processes) -> nn.Module:
+    if not processes.distributed:
+        return model
+    if config.parallel == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[processes.device.index] if model_on_cuda(model) else None)
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(processes.device.type, (processes.world,))
+    for block in model.layers:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    return model
+
+
+def model_on_cuda(model: nn.Module) -> bool:
+    return next(model.parameters()).is_cuda
+
+
+# -------------------------------------------------------------------------------------------- loss
+
+
+def _loss(model: nn.Module, batch: Tensor, autocast: Any) -> Tensor:
+    with autocast:
+        logits = model(batch[:, :-1])
+    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, data: TokenData, config: TrainConfig, processes: Processes, micro: int,
+             autocast: Any) -> float:
+    """Mean token cross-entropy over the first ``eval_tokens`` of the validation split (every process runs
+    the same number of forward passes, as FSDP requires)."""
+    windows = TokenWindows(data.validation, config.seq_len, seed=0)
+    count = max(processes.world, min(windows.count, config.eval_tokens // config.seq_len))
+    count -= count % processes.world
+    mine = list(range(processes.rank, count, processes.world))
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=processes.device)
+    for start in range(0, len(mine), micro):
+        batch = torch.stack([torch.from_numpy(windows.window(i % windows.count)) for i in mine[start:start + micro]])
+        total += _loss(model, batch.to(processes.device), autocast).double() * len(batch)
+    model.train()
+    return processes.mean(total / len(mine)).item()
+
+
+# -------------------------------------------------------------------------------------------- logs
+
+
+class Metrics:
+    """``metrics.jsonl`` (one JSON object per record), mirrored to TensorBoard and W&B when asked.
+    On resume, records after the checkpoint's step are dropped: they will be written again."""
+
+    def __init__(self, run_dir: Path, config: TrainConfig, resumed_step: int, enabled: bool) -> None:
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.writers: list[Any] = []
+        if not enabled:
+            return
+        kept = []
+        if resumed_step and self.path.exists():
+            kept = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= resumed_step]
+        self.path.write_text("".join(line + "\n" for line in kept))
+        if config.tensorboard:
+            from ..extras import require
+
+            self.writers.append(require("torch.utils.tensorboard", "tensorboard", "tensorboard")
+                                .SummaryWriter(str(run_dir / "tensorboard")))
+        if config.wandb:
+            from ..extras import require
+
+            wandb = require("wandb", "wandb")
+            self.wandb_run = wandb.init(project="spamopt", dir=str(run_dir), config=asdict(config),
+                                        mode=os.environ.get("WANDB_MODE", "offline"), name=run_dir.name)
+
+    def log(self, step: int, **values: float) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps({"step": step, **values}) + "\n")
+        for writer in self.writers:
+            for key, value in values.items():
+                writer.add_scalar(key, value, step)
+        if hasattr(self, "wandb_run"):
+            self.wandb_run.log(values, step=step)
+
+    def close(self) -> None:
+        for writer in self.writers:
+            writer.close()
+        if hasattr(self, "wandb_run"):
+            self.wandb_run.finish()
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train, evaluate, checkpoint; returns (and writes to ``summary.json``) the run's final numbers."""
+    processes = Processes.start()
+    run_dir = Path(config.run_dir)
+    micro = config.micro_batch_size or config.batch_size // processes.world
+    if micro < 1 or config.batch_size % (micro * processes.world):
+        raise ValueError(f"Invalid micro_batch_size value: {micro} (batch_size {config.batch_size} must be a "
+                         f"multiple of micro_batch_size × processes = {micro} × {processes.world})")
+    accumulation = config.batch_size // (micro * processes.world)
+
+    data_config = DataConfig(source=config.data, vocab_size=config.vocab_size, tokenizer=config.tokenizer,
+                             max_train_tokens=config.max_train_tokens)
+    if processes.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+        data = prepare(data_config, config.cache_dir)
+    processes.barrier()
+    if processes.rank != 0:
+        data = prepare(data_config, config.cache_dir)  # the cache rank 0 wrote
+
+    torch.manual_seed(config.seed)  # same initial weights on every process
+    model_config = replace(CONFIGS[config.model], vocab=data.vocab_size,
+                           max_positions=max(config.seq_len, CONFIGS[config.model].max_positions))
+    model = Llama(model_config).to(processes.device)
+    model = _wrap(model, config, processes)
+    core = model.module if hasattr(model, "module") else model
+    setup: OptimizerSetup = build_optimizer(config.optimizer, core, lr=config.lr,
+                                            weight_decay=config.weight_decay, options=config.optimizer_args)
+    optimizer = setup.optimizer
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, config.warmup_steps, config.steps, config.min_lr_ratio))
+
+    start = 0
+    checkpoint_path = run_dir / checkpoint.CHECKPOINT
+    if config.resume and checkpoint_path.exists():
+        saved = checkpoint.load(checkpoint_path, model=model, optimizer=optimizer,
+                                distributed=processes.distributed)
+        scheduler.load_state_dict(saved["scheduler"])
+        if setup.clipper is not None:
+            setup.clipper.load_state_dict(saved["clipper"])
+        torch.set_rng_state(saved["rng"])
+        if saved.get("cuda_rng") is not None and processes.device.type == "cuda":
+            torch.cuda.set_rng_state(saved["cuda_rng"], processes.device)
+        start = saved["step"]
+
+    def save(step: int) -> None:
+        checkpoint.save(checkpoint_path, model=model, optimizer=optimizer, rank=processes.rank,
+                        distributed=processes.distributed, scheduler=scheduler.state_dict(), step=step,
+                        samples_seen=step * config.batch_size, rng=torch.get_rng_state(),
+                        cuda_rng=torch.cuda.get_rng_state(processes.device) if processes.device.type == "cuda"
+                        else None,
+                        clipper=setup.clipper.state_dict() if setup.clipper else None, config=asdict(config))
+
+    metrics = Metrics(run_dir, config, start, enabled=processes.rank == 0)
+    monitor = None
+    if config.spikes:
+        if config.parallel == "fsdp" and processes.distributed:
+            raise ValueError("Invalid spikes value: True (spike telemetry needs whole gradients: use --parallel ddp)")
+        if processes.rank == 0:
+            from spamopt.spikes import SpikeMonitor
+
+            monitor = SpikeMonitor(core, run_dir / "spikes",
+                                   optimizer=optimizer if hasattr(optimizer, "record_statistics") else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if processes.device.type == "cuda" else nullcontext())
+    windows = TokenWindows(data.train, config.seq_len, config.seed)
+    progress = None
+    if config.progress and processes.rank == 0:
+        from ..extras import require
+
+        progress = require("tqdm", "lm").tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True)
+
+    tokens_per_step = config.batch_size * config.seq_len
+    running_loss = torch.zeros((), device=processes.device)
+    clock, clock_step = time.perf_counter(), start
+    val_loss = math.nan
+    for step in range(start, config.steps):
+        step_loss = torch.zeros((), device=processes.device)
+        for m in range(accumulation):
+            first = step * config.batch_size + (m * processes.world + processes.rank) * micro
+            batch = windows.batch(first, micro).to(processes.device)
+            sync = m == accumulation - 1 or not hasattr(model, "no_sync")
+            with nullcontext() if sync else model.no_sync():
+                loss = _loss(model, batch, autocast) / accumulation
+                loss.backward()
+            step_loss += loss.detach()
+        running_loss += step_loss
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        if setup.clipper is not None:
+            setup.clipper(model)
+        if monitor is not None:
+            monitor.observe(step=step, loss=step_loss)
+        lr = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        done = step + 1
+
+        if done % config.log_every == 0 or done == config.steps:
+            train_loss = processes.mean(running_loss).item() / (done - clock_step)
+            elapsed = time.perf_counter() - clock
+            tokens_per_s = tokens_per_step * (done - clock_step) / elapsed
+            metrics.log(done, train_loss=train_loss, lr=float(lr), tokens_per_s=tokens_per_s)
+            if progress is not None:
+                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            running_loss.zero_()
+            clock, clock_step = time.perf_counter(), done
+        if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+            val_loss = evaluate(model, data, config, processes, micro, autocast)
+            metrics.log(done, val_loss=val_loss, val_perplexity=math.exp(val_loss))
+            clock = time.perf_counter()  # evaluation is not training throughput
+        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
+            save(done)
+            clock = time.perf_counter()
+        if progress is not None:
+            progress.update(1)
+
+    if math.isnan(val_loss):  # resumed a finished run
+        val_loss = evaluate(model, data, config, processes, micro, autocast)
+    if progress is not None:
+        progress.close()
+    if monitor is not None:
+        monitor.close()
+    metrics.close()
+    summary = {
+        "optimizer": config.optimizer, "seed": config.seed, "steps": config.steps,
+        "val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss == val_loss else math.nan,
+        "optimizer_state_bytes": int(processes.mean(torch.tensor(float(state_bytes(optimizer)),
+                                                                 device=processes.device)).item()
+                                     * processes.world),
+        "parameters": sum(math.prod(shape) for shape in model_config.parameter_shapes().values()),
+        "processes": processes.world, "device": str(processes.device),
+    }
+    if processes.device.type == "cuda":
+        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(processes.device)
+    if processes.rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    return summary
