@@ -58,15 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     demo.add_argument("--steps", type=int, default=300)
     args = parser.parse_args(argv)
 
-    if args.command == "train":
-        from spamopt.experiments.lm.train import train as run_train
-
-        print(json.dumps(run_train(_config(TrainConfig, args)), indent=2))
-    elif args.command == "compare":
-        from spamopt.experiments.lm.compare import compare as run_compare
-
-        base = _config(TrainConfig, args, run_dir=str(args.out_dir))
-        print(run_compare(_config(CompareConfig, args), base))
+    if args.command in ("train", "compare"):
+        _train_or_compare(args)
     elif args.action == "report":
         from spamopt.spikes.report import build_report
 
@@ -76,6 +69,24 @@ def main(argv: list[str] | None = None) -> None:
 
         for path in demo_main(args.run_dir, args.steps):
             print(path)
+
+
+def _train_or_compare(args: argparse.Namespace) -> None:
+    import torch.distributed as dist
+
+    from spamopt.experiments.lm.compare import CompareConfig, compare
+    from spamopt.experiments.lm.train import TrainConfig, train
+
+    try:
+        if args.command == "train":
+            summary = train(_config(TrainConfig, args))
+            if not dist.is_initialized() or dist.get_rank() == 0:
+                print(json.dumps(summary, indent=2))
+        else:
+            print(compare(_config(CompareConfig, args), _config(TrainConfig, args, run_dir=str(args.out_dir))))
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # a live gloo group aborts the interpreter at exit
 
 
 if __name__ == "__main__":

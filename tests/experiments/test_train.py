@@ -199,3 +199,19 @@ def test_compare_writes_a_report_with_mean_and_std_over_seeds(small_run, tmp_pat
     stamp = (out / "spam" / "seed0" / "summary.json").stat().st_mtime_ns
     compare(CompareConfig(optimizers="spam,adamw", seeds="0,1", out_dir=str(out)), base)
     assert (out / "spam" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_the_main_command_on_a_minimal_budget(token_cache, tmp_path, capsys):
+    """``spamopt compare`` with its defaults (SPAM, AdamW, Adam + clipping; two seeds; the embedded stdlib
+    corpus) on a budget of 3 steps: every run finishes with a finite perplexity and the report is written."""
+    from spamopt.cli import main
+
+    out = tmp_path / "compare"
+    main(["compare", "--model", "tiny", "--steps", "3", "--vocab-size", "300", "--seq-len", "32", "--batch-size",
+          "4", "--eval-tokens", "512", "--out-dir", str(out), "--cache-dir", str(token_cache), "--no-progress"])
+    assert capsys.readouterr().out.strip().endswith("report.md")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["optimizers"]) == {"spam", "adamw", "adam-clip"} and results["seeds"] == [0, 1]
+    assert results["config"]["data"] == "stdlib"
+    assert all(math.isfinite(v) for row in results["optimizers"].values() for v in row["val_perplexity"])
+    assert (out / "curves.png").exists() and "| spam |" in (out / "report.md").read_text()

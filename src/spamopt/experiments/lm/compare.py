@@ -80,7 +80,7 @@ def write_report(out: Path, names: list[str], seeds: list[int]) -> Path:
             "val_perplexity_mean": ppl_mean, "val_perplexity_std": ppl_std,
             "val_perplexity": [s["val_perplexity"] for s in summaries],
             "tokens_per_s_mean": statistics.fmean(throughput),
-            "optimizer_state_bytes": summaries[0]["optimizer_state_bytes"],
+            "optimizer_state_bytes_per_process": summaries[0]["optimizer_state_bytes_per_process"],
         }
         curves[name] = {key: _mean_curve(records, key) for key in ("train_loss", "val_perplexity")}
     config = json.loads((out / names[0] / f"seed{seeds[0]}" / "config.json").read_text())
@@ -137,14 +137,14 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
         f"seeds {results['seeds']}, device `{results['device']}`.",
         "",
         f"| optimizer | final validation perplexity (mean ± std, {n} seeds) | per seed | tokens/s | "
-        "optimizer state |",
+        "optimizer state per process |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, row in sorted(results["optimizers"].items(), key=lambda kv: kv[1]["val_perplexity_mean"]):
         std = "n/a" if row["val_perplexity_std"] is None else f"{row['val_perplexity_std']:.2f}"
         seeds = ", ".join(f"{v:.2f}" for v in row["val_perplexity"])
         lines.append(f"| {name} | {row['val_perplexity_mean']:.2f} ± {std} | {seeds} | "
-                     f"{row['tokens_per_s_mean']:,.0f} | {row['optimizer_state_bytes'] / 2**20:.2f} MiB |")
+                     f"{row['tokens_per_s_mean']:,.0f} | {row['optimizer_state_bytes_per_process'] / 2**20:.2f} MiB |")
     lines += ["", "![training loss and validation perplexity](curves.png)", "",
               "Std is the sample standard deviation over seeds; tokens/s excludes evaluation and checkpointing.",
               f"Perplexity is exp of the mean token cross-entropy over the first {config['eval_tokens']:,} "

@@ -171,11 +171,10 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
 
     def add(value: Any) -> None:
         nonlocal total
-        if isinstance(value, torch.Tensor):
+        if isinstance(value, torch.Tensor) and id(value) not in seen:
+            seen.add(id(value))  # the state keeps ``value`` alive, so its id stays unique
             local = value.to_local() if hasattr(value, "to_local") else value
-            if id(local) not in seen:
-                seen.add(id(local))
-                total += local.numel() * local.element_size()
+            total += local.numel() * local.element_size()
 
     for state in optimizer.state.values():
         for value in state.values():

@@ -358,9 +358,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     summary = {
         "optimizer": config.optimizer, "seed": config.seed, "steps": config.steps,
         "val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss == val_loss else math.nan,
-        "optimizer_state_bytes": int(processes.mean(torch.tensor(float(state_bytes(optimizer)),
-                                                                 device=processes.device)).item()
-                                     * processes.world),
+        "optimizer_state_bytes_per_process": state_bytes(optimizer),
         "parameters": sum(math.prod(shape) for shape in model_config.parameter_shapes().values()),
         "processes": processes.world, "device": str(processes.device),
     }
