@@ -4,7 +4,9 @@ cache, so the BPE is trained once per test session."""
 from __future__ import annotations
 
 import json
+import sys
 import sysconfig
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -43,3 +45,17 @@ def small_run(corpus_dir, token_cache, tmp_path) -> TrainConfig:
     return TrainConfig(model="tiny", data=str(corpus_dir), vocab_size=512, cache_dir=str(token_cache), seq_len=32,
                        batch_size=8, steps=8, warmup_steps=2, lr=3e-3, eval_every=4, eval_tokens=1024,
                        log_every=1, checkpoint_every=3, run_dir=str(tmp_path / "run"), progress=False)
+
+
+def train_command(config: TrainConfig) -> list[str]:
+    """``python -m spamopt.cli train`` with every field of ``config`` as a command-line option."""
+    args = [sys.executable, "-m", "spamopt.cli", "train"]
+    for key, value in asdict(config).items():
+        flag = "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(flag if value else "--no-" + key.replace("_", "-"))
+        elif isinstance(value, dict):
+            args += [flag, json.dumps(value)]
+        elif value is not None:
+            args += [flag, str(value)]
+    return args

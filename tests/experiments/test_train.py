@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,8 @@ from spamopt.experiments.lm.config import CONFIGS
 from spamopt.experiments.lm.model import Llama
 from spamopt.experiments.lm.optimizers import OPTIMIZERS, build_optimizer, state_bytes
 from spamopt.experiments.lm.train import TrainConfig, lr_multiplier, train
+
+from .conftest import train_command
 
 
 def _weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -64,18 +66,6 @@ def test_gradient_accumulation_matches_the_full_batch(small_run):
         torch.testing.assert_close(_weights(accumulated.run_dir)[name], value, rtol=1e-5, atol=1e-5)
 
 
-def _cli(config: TrainConfig) -> list[str]:
-    args = [sys.executable, "-m", "spamopt.cli", "train"]
-    for key, value in asdict(config).items():
-        flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(flag if value else "--no-" + key.replace("_", "-"))
-        elif isinstance(value, dict):
-            args += [flag, json.dumps(value)]
-        elif value is not None:
-            args += [flag, str(value)]
-    return args
-
 
 @pytest.mark.parametrize("optimizer", ["spam", "spam-sparse", "zclip"])
 def test_resume_after_sigkill_is_bit_exact(small_run, optimizer):
@@ -92,7 +82,7 @@ def test_resume_after_sigkill_is_bit_exact(small_run, optimizer):
     train(whole)
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    process = subprocess.Popen(_cli(base), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    process = subprocess.Popen(train_command(base), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     metrics = Path(base.run_dir) / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and process.poll() is None:
