@@ -13,8 +13,8 @@ def spiky_gradients(shapes, steps, seed=0, spike_rate=0.02, spike_scale=1000.0, 
     for _ in range(steps):
         grads = []
         for shape in shapes:
-            g = rng.standard_normal(shape) * 0.01
-            g[rng.random(shape) < spike_rate] *= spike_scale
+            g = np.asarray(rng.standard_normal(shape) * 0.01)
+            g[np.asarray(rng.random(shape) < spike_rate)] *= spike_scale
             grads.append(g.astype(dtype))
         stream.append(grads)
     return stream
@@ -22,4 +22,4 @@ def spiky_gradients(shapes, steps, seed=0, spike_rate=0.02, spike_scale=1000.0, 
 
 def set_grads(params, grads):
     for p, g in zip(params, grads):
-        p.grad = None if g is None else torch.as_tensor(np.ascontiguousarray(g)).to(p)
+        p.grad = None if g is None else torch.tensor(np.asarray(g)).to(p)

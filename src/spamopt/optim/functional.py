@@ -1,6 +1,7 @@
-r"""SPAM's update, written once per implementation: a for-loop reference and a multi-tensor (foreach) path.
+r"""SPAM's update, written once per implementation: a for-loop reference, a multi-tensor (foreach) path and a
+fused Triton kernel (:mod:`.fused`).
 
-Both functions take the same arguments and are tested to agree to floating-point rounding. The caller
+All three take the same arguments and are tested to agree to floating-point rounding. The caller
 (:class:`spamopt.SPAM`) reads its step clock and passes the *decisions* of this step (reset or not, clip
 threshold in force, post-reset multiplier) as plain Python values; everything that depends on the data
 (the non-finite skip flag, the per-parameter bias-correction count) stays a device tensor, so a step never
@@ -67,7 +68,7 @@ def _single_tensor_spam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    masks: list[Tensor | None],
+    mask_bits: list[Tensor | None],
     *,
     keep: Tensor | None,
     lr: float | Tensor,
@@ -82,14 +83,16 @@ def _single_tensor_spam(
     maximize: bool,
     clip_counts: list[Tensor] | None,
 ) -> None:
-    for i, (param, grad, exp_avg, exp_avg_sq, step, mask) in enumerate(
-        zip(params, grads, exp_avgs, exp_avg_sqs, steps, masks)
+    for i, (param, grad, exp_avg, exp_avg_sq, step, bits) in enumerate(
+        zip(params, grads, exp_avgs, exp_avg_sqs, steps, mask_bits)
     ):
         param, grad, exp_avg, exp_avg_sq = _real(param), _real(grad), _real(exp_avg), _real(exp_avg_sq)
         keep_here = None if keep is None else keep.to(param.device, non_blocking=True)
         keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
-        g = _gradient_copy(grad, mask, keep_here, maximize)
-        work = param if mask is None else sparse.gather(param, mask)
+        mask = None if bits is None else sparse.unpack_mask(bits, param.numel())
+        g = _gradient_copy(grad, mask, keep_here, maximize).to(exp_avg.dtype)
+        full = param.to(exp_avg.dtype)  # half-precision params: update in fp32, round once at the end
+        work = full if mask is None else sparse.gather(full, mask)
 
         if reset:
             exp_avg.zero_()
@@ -110,13 +113,15 @@ def _single_tensor_spam(
         exp_avg_sq.mul_(1.0 - (1.0 - beta2) * keep_float).addcmul_(g, g, value=1.0 - beta2)
         del g
 
-        step_size = _step_sizes([step], lr, beta1, beta2, warmup_multiplier * keep_float, work.dtype)[0]
+        step_size = _step_sizes([step], lr, beta1, beta2, warmup_multiplier * keep_float, exp_avg.dtype)[0]
         update = exp_avg_sq.sqrt().add_(eps).reciprocal_().mul_(step_size)
         work.addcmul_(exp_avg, update)
         if mask is not None:
-            sparse.scatter_(param, mask, work)
+            sparse.scatter_(full, mask, work)
         if weight_decay != 0:
-            param.mul_(1.0 - lr * weight_decay * keep_float)
+            full.mul_(1.0 - lr * weight_decay * keep_float)
+        if full is not param:
+            param.copy_(full)
 
 
 def _multi_tensor_spam(
@@ -125,7 +130,7 @@ def _multi_tensor_spam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    masks: list[Tensor | None],
+    mask_bits: list[Tensor | None],
     *,
     keep: Tensor | None,
     lr: float | Tensor,
@@ -148,12 +153,14 @@ def _multi_tensor_spam(
     for (device, dtype), index in buckets.items():
         keep_here = None if keep is None else keep.to(device, non_blocking=True)
         keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
-        full = [reals[i] for i in index]
+        originals = [reals[i] for i in index]
         ms = [_real(exp_avgs[i]) for i in index]
+        full = [p.to(m.dtype) for p, m in zip(originals, ms)]  # half precision: fp32 math, one rounding
         vs = [_real(exp_avg_sqs[i]) for i in index]
         ks = [steps[i] for i in index]
-        gs = [_gradient_copy(_real(grads[i]), masks[i], keep_here, maximize) for i in index]
-        work = [p if masks[i] is None else sparse.gather(p, masks[i]) for i, p in zip(index, full)]
+        bools = {i: sparse.unpack_mask(mask_bits[i], reals[i].numel()) for i in index if mask_bits[i] is not None}
+        gs = [_gradient_copy(_real(grads[i]), bools.get(i), keep_here, maximize).to(m.dtype) for i, m in zip(index, ms)]
+        work = [p if i not in bools else sparse.gather(p, bools[i]) for i, p in zip(index, full)]
 
         if reset:
             torch._foreach_zero_(ms)
@@ -182,17 +189,69 @@ def _multi_tensor_spam(
         updates = torch._foreach_sqrt(vs)
         torch._foreach_add_(updates, eps)
         torch._foreach_reciprocal_(updates)
-        step_sizes = _step_sizes(ks, lr, beta1, beta2, warmup_multiplier * keep_float, dtype)
+        step_sizes = _step_sizes(ks, lr, beta1, beta2, warmup_multiplier * keep_float, ms[0].dtype)
         torch._foreach_mul_(updates, step_sizes.unbind(0))
         torch._foreach_addcmul_(work, ms, updates)
         del updates
 
         for i, p, w in zip(index, full, work):
-            if masks[i] is not None:
-                sparse.scatter_(p, masks[i], w)
+            if i in bools:
+                sparse.scatter_(p, bools[i], w)
         if weight_decay != 0:
             decay = 1.0 - lr * weight_decay * keep_float
-            torch._foreach_mul_(full, decay if isinstance(decay, Number) else decay.to(dtype))
+            torch._foreach_mul_(full, decay if isinstance(decay, Number) else decay.to(ms[0].dtype))
+        for p, f in zip(originals, full):
+            if f is not p:
+                p.copy_(f)
+
+
+def _fused_spam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    mask_bits: list[Tensor | None],
+    *,
+    keep: Tensor | None,
+    lr: float | Tensor,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    threshold: float,
+    reset: bool,
+    warmup_multiplier: float,
+    bias_correction_reset: bool,
+    maximize: bool,
+    clip_counts: list[Tensor] | None,
+    density: float,
+) -> None:
+    from .fused import fused_spam
+
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        if p.is_complex():
+            raise RuntimeError("the fused SPAM step does not support complex parameters; use fused=False")
+        by_device[p.device].append(i)
+    for device, index in by_device.items():
+        ks = [steps[i] for i in index]
+        keep_float = torch.ones((), device=device) if keep is None else keep.to(device, torch.float32)
+        if reset and bias_correction_reset:
+            torch._foreach_zero_(ks)
+        torch._foreach_add_(ks, keep_float)
+        # Per-step decisions as device values (no host round trip): keep, decay factor, reset, θ in force.
+        decay = 1.0 - lr * weight_decay * keep_float
+        scalars = torch.stack([keep_float, decay, keep_float * 0 + float(reset), keep_float * 0 + threshold])
+        sizes = _step_sizes(ks, lr, beta1, beta2, warmup_multiplier * keep_float.double(), torch.float32)
+        counts: list[Tensor | None] | None = None if clip_counts is None else [None] * len(index)
+        fused_spam([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
+                   [exp_avg_sqs[i] for i in index], list(sizes.unbind(0)), scalars.float(),
+                   [mask_bits[i] for i in index], beta1=beta1, beta2=beta2, eps=eps, density=density,
+                   skip=keep is not None, maximize=maximize, clip_counts=counts)
+        if clip_counts is not None and threshold > 0:
+            for k, i in enumerate(index):
+                clip_counts[i] = counts[k]
 
 
 def spam(
@@ -201,7 +260,7 @@ def spam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
-    masks: list[Tensor | None],
+    mask_bits: list[Tensor | None],
     *,
     keep: Tensor | None,
     lr: float | Tensor,
@@ -215,6 +274,8 @@ def spam(
     bias_correction_reset: bool,
     maximize: bool,
     foreach: bool,
+    fused: bool = False,
+    density: float = 1.0,
     clip_counts: list[Tensor] | None = None,
 ) -> None:
     """Functional SPAM step over parallel lists (see the module docstring for the math).
@@ -223,22 +284,26 @@ def spam(
         params, grads, exp_avgs, exp_avg_sqs: parameters, their gradients (read only) and moments; for a
             sparse parameter the moments are the compact buffers of its kept coordinates.
         steps: per-parameter bias-correction counts ``k`` (0-dim float32 tensors, updated in place).
-        masks: per parameter, ``None`` (dense) or the flat boolean mask of kept coordinates.
+        mask_bits: per parameter, ``None`` (dense) or its packed bitmask of kept coordinates (:mod:`.sparse`).
         keep: 0-dim boolean tensor, ``False`` to skip this step; ``None`` zeroes non-finite coordinates.
         threshold: the spike threshold θ in force for this step (0: no clipping this step).
         reset: zero the moments before the update.
         warmup_multiplier: the post-reset multiplier ``s`` for this step.
+        foreach, fused: the implementation: the fused Triton kernel (:mod:`.fused`), the multi-tensor path,
+            or (both False) the for-loop reference.
+        density: the group's sparse-momentum density (the fused kernel derives compact indices from it).
         clip_counts: optional list as long as ``params``; when clipping is active, entry ``i`` is set to a
             0-dim tensor counting the coordinates of parameter ``i`` clipped this step.
     """
-    impl = _multi_tensor_spam if foreach else _single_tensor_spam
+    extra = {"density": density} if fused else {}
+    impl = _fused_spam if fused else _multi_tensor_spam if foreach else _single_tensor_spam
     impl(
         params,
         grads,
         exp_avgs,
         exp_avg_sqs,
         steps,
-        masks,
+        mask_bits,
         keep=keep,
         lr=lr,
         beta1=beta1,
@@ -251,4 +316,5 @@ def spam(
         bias_correction_reset=bias_correction_reset,
         maximize=maximize,
         clip_counts=clip_counts,
+        **extra,
     )

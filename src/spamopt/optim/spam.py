@@ -73,8 +73,11 @@ def _validate_group(group: dict[str, Any]) -> None:
                   accepted="must be in (0, 1]")
     for flag in ("bias_correction_reset", "maximize", "skip_nonfinite"):
         _check_flag(flag, group[flag])
-    if group["foreach"] is not None:
-        _check_flag("foreach", group["foreach"])
+    for flag in ("foreach", "fused"):
+        if group[flag] is not None:
+            _check_flag(flag, group[flag])
+    if group["foreach"] and group["fused"]:
+        raise ValueError("Invalid foreach/fused values: True/True (choose one implementation)")
 
 
 class SPAM(Optimizer):
@@ -114,7 +117,11 @@ class SPAM(Optimizer):
         density: fraction of each matrix's coordinates that keep moments, in ``(0, 1]``.
         bias_correction_reset: restart Adam's bias correction at each reset (the reference does not).
         maximize: maximise the objective (the gradient's sign is flipped on a private copy).
-        foreach: use the multi-tensor implementation; ``None`` picks it when every parameter is on CUDA.
+        foreach: use the multi-tensor implementation.
+        fused: use the fused Triton kernel (one pass over ``p, g, m, v`` for many tensors per launch; real
+            float32/bfloat16/float16 parameters; CUDA, or the CPU under ``TRITON_INTERPRET=1``). ``None`` (for
+            both flags) picks fused when every parameter of the group qualifies and Triton is installed, else
+            foreach on CUDA, else the for-loop reference.
         skip_nonfinite: when any gradient of the step holds NaN or Inf, skip the whole step (no parameter,
             moment or bias-correction count changes; ``state['skipped_steps']`` counts them), decided on the
             device without a host synchronisation. ``False`` treats non-finite coordinates as zero instead.
@@ -153,13 +160,14 @@ class SPAM(Optimizer):
         bias_correction_reset: bool = False,
         maximize: bool = False,
         foreach: bool | None = None,
+        fused: bool | None = None,
         skip_nonfinite: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, threshold=threshold,
             reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay, density=density,
             bias_correction_reset=bias_correction_reset, maximize=maximize, foreach=foreach,
-            skip_nonfinite=skip_nonfinite,
+            fused=fused, skip_nonfinite=skip_nonfinite,
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
@@ -218,11 +226,12 @@ class SPAM(Optimizer):
             state["mask_seed"] = torch.tensor(seed, dtype=torch.int64)
             state["mask_bits"] = sparse.draw_mask(numel, group["density"], seed, generation, param.device)
             kept = sparse.kept_count(numel, group["density"])
-            state["exp_avg"] = torch.zeros(kept, dtype=dtype, device=param.device)
-            state["exp_avg_sq"] = torch.zeros(kept, dtype=dtype, device=param.device)
+            state["exp_avg"] = torch.zeros(kept, dtype=_moment_dtype(dtype), device=param.device)
+            state["exp_avg_sq"] = torch.zeros(kept, dtype=_moment_dtype(dtype), device=param.device)
         else:
-            state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+            moment = _moment_dtype(param.dtype)
+            state["exp_avg"] = torch.zeros_like(param, dtype=moment, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(param, dtype=moment, memory_format=torch.preserve_format)
 
     def _redraw_masks(self, group: dict[str, Any], generation: int) -> None:
         for param in group["params"]:
@@ -245,7 +254,11 @@ class SPAM(Optimizer):
         sharded = any(_is_distributed_tensor(g) for g in grads)
         by_device: dict[torch.device, list[Tensor]] = {}
         for g in map(_local, grads):
-            by_device.setdefault(g.device, []).append(torch.view_as_real(g) if g.is_complex() else g)
+            # Empty tensors (and empty FSDP shards) hold nothing non-finite; inf-norms of them are undefined.
+            if g.numel():
+                by_device.setdefault(g.device, []).append(torch.view_as_real(g) if g.is_complex() else g)
+        if not by_device:
+            by_device[grads[0].device] = [torch.zeros(1, device=grads[0].device)]
         flags = [
             torch.stack(torch._foreach_norm(gs, float("inf"))).isfinite().all() for gs in by_device.values()
         ]
@@ -285,8 +298,7 @@ class SPAM(Optimizer):
                     self._init_state(param, group, completed, ordinal - 1)
                 params.append(param)
                 grads.append(param.grad)
-                bits = self.state[param].get("mask_bits")
-                masks.append(None if bits is None else sparse.unpack_mask(bits, _real_numel(param)))
+                masks.append(self.state[param].get("mask_bits"))
             batches.append((group, params, grads, masks))
 
         keep = self._all_finite([g for group, _, grads, _ in batches if group["skip_nonfinite"] for g in grads])
@@ -298,9 +310,14 @@ class SPAM(Optimizer):
             beta1, beta2 = group["betas"]
             interval = group["reset_interval"]
             clipping = schedule.clipping_active(current, group["threshold"], interval, group["clip_delay"])
-            foreach = group["foreach"]
+            foreach, fused = group["foreach"], group["fused"]
+            if fused is None:  # the default: fused where it runs compiled
+                fused = foreach is None and all(p.is_cuda and _fusable(p) for p in params)
             if foreach is None:
-                foreach = all(p.is_cuda for p in params)
+                foreach = not fused and all(p.is_cuda for p in params)
+            if fused and not all(_fusable(p) for p in params):
+                raise RuntimeError("fused=True needs Triton and real float32/bfloat16/float16 parameters on CUDA "
+                                   "(or on the CPU with TRITON_INTERPRET=1)")
             states = [self.state[p] for p in params]
             reset = schedule.is_reset_step(current, interval)
             multiplier = schedule.warmup_multiplier(current, interval, group["warmup_steps"])
@@ -324,6 +341,8 @@ class SPAM(Optimizer):
                 bias_correction_reset=group["bias_correction_reset"],
                 maximize=group["maximize"],
                 foreach=foreach,
+                fused=fused,
+                density=group["density"],
                 clip_counts=clip_counts,
             )
             if clip_counts is not None:
@@ -350,6 +369,18 @@ class SPAM(Optimizer):
             skipped = (~keep).float()
             for s in states:
                 s["skipped_steps"].add_(skipped.to(s["skipped_steps"].device, non_blocking=True))
+
+
+def _moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Moments of half-precision parameters are kept in float32: v underflows in bf16/fp16."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _fusable(param: Tensor) -> bool:
+    from .fused import fused_available
+
+    return (param.dtype in (torch.float32, torch.bfloat16, torch.float16)
+            and not _is_distributed_tensor(param) and fused_available(param.device))
 
 
 def _is_distributed_tensor(tensor: Tensor) -> bool:

@@ -1,0 +1,230 @@
+r"""SPAM's fused step: one Triton kernel reads ``p, g, m, v`` once and writes ``p, m, v`` once.
+
+The math is the module docstring of :mod:`spamopt.optim.functional`, in the same order, with every
+intermediate in float32: clip, moment update (after an optional reset), bias-corrected and warmup-scaled
+update, decoupled weight decay.
+
+Many tensors per launch: each program handles one *chunk* of ``CHUNK = 4096`` consecutive elements of one
+tensor; a cached table maps program ids to (tensor, first element), and per-tensor tables hold the tensors'
+addresses. One launch covers every tensor of a (device, dtype, dense/sparse) bucket.
+
+Sparse momentum reads the bitmask directly. ``CHUNK`` equals the sampling stratum of :mod:`.sparse`, in which
+exactly ``K = round(d·4096)`` coordinates are kept, so the compact index of a kept coordinate is
+``stratum · K + (its rank among the kept coordinates of its stratum)`` — a prefix sum inside the program:
+no boolean mask, no index array, no full-size temporary.
+
+Nothing here waits for the device: the skip flag, the weight-decay factor, the reset flag and the clip
+threshold in force reach the kernel as a 4-element device tensor, the step sizes as a device vector.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import OrderedDict
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .sparse import STRATUM
+
+__all__ = ["CHUNK", "fused_available", "fused_spam"]
+
+CHUNK = STRATUM  # elements per program; must equal the sparse stratum (see the module docstring)
+_TABLE_CACHE_SIZE = 32
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the fused path is optional
+    triton = None
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (``TRITON_INTERPRET=1``): kernels run on CPU tensors, for tests."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def fused_available(device: torch.device) -> bool:
+    """Whether :func:`fused_spam` can run on ``device``."""
+    if triton is None:
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and interpreting())
+
+
+if triton is not None:
+    _TL_DTYPES = {torch.float32: tl.float32, torch.bfloat16: tl.bfloat16, torch.float16: tl.float16}
+
+    @triton.jit
+    def _round_to_bfloat16(x):
+        """float32 → bfloat16, round to nearest even, written out: Triton's interpreter truncates instead."""
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        return (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+
+    @triton.jit
+    def _spam_kernel(
+        param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, mask_ptrs,  # int64 address per tensor
+        chunk_tensor, chunk_start, numels,  # program → (tensor, first element); elements per tensor
+        step_sizes,  # float32 per tensor: −lr · s · keep · sqrt(1 − β2^k) / (1 − β1^k)
+        scalars,  # float32 [keep, 1 − lr·wd·keep, reset, θ in force (0: no clipping)]
+        clip_counts,  # int32 per tensor, incremented when COUNT_CLIPS
+        beta1, beta2, eps, kept_per_stratum,
+        PARAM: tl.constexpr, GRAD: tl.constexpr, MOMENT: tl.constexpr,
+        SPARSE: tl.constexpr, SKIP: tl.constexpr, MAXIMIZE: tl.constexpr, COUNT_CLIPS: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        program = tl.program_id(0)
+        tensor = tl.load(chunk_tensor + program)
+        start = tl.load(chunk_start + program)
+        numel = tl.load(numels + tensor)
+        p_ptr = tl.load(param_ptrs + tensor).to(tl.pointer_type(PARAM))
+        g_ptr = tl.load(grad_ptrs + tensor).to(tl.pointer_type(GRAD))
+        m_ptr = tl.load(exp_avg_ptrs + tensor).to(tl.pointer_type(MOMENT))
+        v_ptr = tl.load(exp_avg_sq_ptrs + tensor).to(tl.pointer_type(MOMENT))
+
+        offsets = start + tl.arange(0, BLOCK)
+        inside = offsets < numel
+        if SPARSE:
+            bits_ptr = tl.load(mask_ptrs + tensor).to(tl.pointer_type(tl.uint8))
+            byte = tl.load(bits_ptr + offsets // 8, mask=inside, other=0)
+            lane = inside & (((byte >> (offsets % 8).to(tl.uint8)) & 1) != 0)
+            rank = tl.cumsum(lane.to(tl.int32), 0) - 1
+            moment_index = (start // BLOCK) * kept_per_stratum + rank
+        else:
+            lane = inside
+            moment_index = offsets
+
+        keep = tl.load(scalars)
+        decay = tl.load(scalars + 1)
+        reset = tl.load(scalars + 2)
+        threshold = tl.load(scalars + 3)
+
+        g = tl.load(g_ptr + offsets, mask=lane, other=0.0).to(tl.float32)
+        finite = (g == g) & (tl.abs(g) != float("inf"))
+        if SKIP:
+            g = tl.where(keep != 0.0, g, 0.0)  # a skipped step (non-finite somewhere) moves nothing
+        else:
+            g = tl.where(finite, g, 0.0)  # non-finite coordinates count as zero
+        if MAXIMIZE:
+            g = -g
+        m = tl.load(m_ptr + moment_index, mask=lane, other=0.0).to(tl.float32) * (1.0 - reset)
+        v = tl.load(v_ptr + moment_index, mask=lane, other=0.0).to(tl.float32) * (1.0 - reset)
+
+        bound = tl.sqrt(v * threshold)
+        clipping = threshold > 0.0
+        if COUNT_CLIPS:
+            clipped = tl.sum((lane & (tl.abs(g) > bound)).to(tl.int32), 0)
+            tl.atomic_add(clip_counts + tensor, tl.where(clipping, clipped, 0))
+        g = tl.where(clipping, tl.minimum(tl.maximum(g, -bound), bound), g)
+
+        m = m * (1.0 - (1.0 - beta1) * keep) + (1.0 - beta1) * g
+        v = v * (1.0 - (1.0 - beta2) * keep) + (1.0 - beta2) * g * g
+        p = tl.load(p_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
+        step_size = tl.load(step_sizes + tensor)
+        p = tl.where(lane, p + step_size * m / (tl.sqrt(v) + eps), p) * decay
+        if PARAM == tl.bfloat16:
+            p_out = _round_to_bfloat16(p)
+        else:
+            p_out = p.to(PARAM)
+        tl.store(p_ptr + offsets, p_out, mask=inside)
+        tl.store(m_ptr + moment_index, m.to(MOMENT), mask=lane)
+        tl.store(v_ptr + moment_index, v.to(MOMENT), mask=lane)
+
+
+_tables: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
+
+
+def _to_device(values: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
+    host = torch.tensor(values, dtype=dtype)
+    if device.type == "cpu":
+        return host
+    # A pinned source makes the copy asynchronous: the step never waits for the device.
+    return host.pin_memory().to(device, non_blocking=True)
+
+
+def _launch_tables(pointers: tuple[tuple[int, ...], ...], numels: tuple[int, ...],
+                   device: torch.device) -> tuple[Tensor, ...]:
+    """Address tables and the chunk table; cached by the addresses, which rarely change between steps."""
+    key = (device, pointers, numels)
+    if key in _tables:
+        _tables.move_to_end(key)
+        return _tables[key]
+    chunks = [-(-n // CHUNK) for n in numels]
+    chunk_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
+                                           torch.tensor(chunks, dtype=torch.int64))
+    first_chunk = torch.tensor([0, *chunks[:-1]], dtype=torch.int64).cumsum(0)
+    chunk_start = (torch.arange(len(chunk_tensor), dtype=torch.int64) - first_chunk[chunk_tensor.long()]) * CHUNK
+    tables = (*(_to_device(column, torch.int64, device) for column in pointers),
+              _to_device(chunk_tensor.tolist(), torch.int32, device),
+              _to_device(chunk_start.tolist(), torch.int64, device), _to_device(numels, torch.int64, device))
+    _tables[key] = tables
+    if len(_tables) > _TABLE_CACHE_SIZE:
+        _tables.popitem(last=False)
+    return tables
+
+
+def fused_spam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    step_sizes: list[Tensor],
+    scalars: Tensor,
+    mask_bits: list[Tensor | None],
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    density: float,
+    skip: bool,
+    maximize: bool,
+    clip_counts: list[Tensor | None] | None,
+) -> None:
+    """One launch per (param dtype, grad dtype, moment dtype, sparse) bucket of real tensors on one device.
+
+    ``step_sizes[i]`` (0-dim float32) and ``scalars`` (float32 ``[keep, decay, reset, θ]``) are device tensors;
+    ``mask_bits[i]`` is the packed mask of a sparse parameter (its moments then compact), or ``None``.
+    Non-contiguous tensors are staged through contiguous copies. When ``clip_counts`` is a list, entry ``i``
+    becomes a 0-dim int32 count of parameter ``i``'s clipped coordinates.
+    """
+    if triton is None:
+        raise RuntimeError("the fused SPAM step needs Triton: pip install triton")
+    buckets: dict[tuple, list[int]] = {}
+    for i, (p, g, m) in enumerate(zip(params, grads, exp_avgs)):
+        if p.numel() == 0:
+            continue
+        buckets.setdefault((p.dtype, g.dtype, m.dtype, mask_bits[i] is not None), []).append(i)
+    device = scalars.device
+    kept_per_stratum = int(round(density * STRATUM))
+    for (p_dtype, g_dtype, m_dtype, sparse), index in buckets.items():
+        staged: list[tuple[Tensor, Tensor]] = []
+
+        def contiguous(t: Tensor) -> Tensor:
+            if t.is_contiguous():
+                return t
+            copy = t.contiguous()
+            staged.append((t, copy))
+            return copy
+
+        ps = [contiguous(params[i]) for i in index]
+        gs = [grads[i].contiguous() for i in index]
+        ms = [contiguous(exp_avgs[i]) for i in index]
+        vs = [contiguous(exp_avg_sqs[i]) for i in index]
+        bits = [mask_bits[i] if sparse else ms[k] for k, i in enumerate(index)]  # unread when dense
+        pointers = tuple(tuple(t.data_ptr() for t in column) for column in (ps, gs, ms, vs, bits))
+        *addresses, chunk_tensor, chunk_start, numels = _launch_tables(pointers, tuple(p.numel() for p in ps),
+                                                                       device)
+        counts = torch.zeros(len(index), dtype=torch.int32, device=device) if clip_counts is not None else scalars
+        _spam_kernel[(len(chunk_tensor),)](
+            *addresses, chunk_tensor, chunk_start, numels, torch.stack([step_sizes[i] for i in index]), scalars,
+            counts, beta1, beta2, eps, kept_per_stratum,
+            PARAM=_TL_DTYPES[p_dtype], GRAD=_TL_DTYPES[g_dtype], MOMENT=_TL_DTYPES[m_dtype],
+            SPARSE=sparse, SKIP=skip, MAXIMIZE=maximize, COUNT_CLIPS=clip_counts is not None,
+            BLOCK=CHUNK, num_warps=8,
+        )
+        for original, copy in staged:
+            original.copy_(copy)
+        if clip_counts is not None:
+            for k, i in enumerate(index):
+                clip_counts[i] = counts[k]

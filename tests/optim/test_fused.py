@@ -1,0 +1,137 @@
+"""The fused Triton step equals the for-loop reference: fp32, bf16 and fp16 parameters (fp32 moments), odd
+sizes, 0-dim, empty, non-contiguous and many small tensors, dense and sparse groups, resets, clipping, the
+post-reset warmup, weight decay, maximize, non-finite skips and clip counts. Without a GPU the kernel runs in
+Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py), on small shapes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spamopt import SPAM
+
+from .streams import set_grads, spiky_gradients
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+HYPER = dict(lr=1e-2, weight_decay=0.1, reset_interval=5, warmup_steps=2, clip_delay=1, threshold=4.0)
+
+
+def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
+    """Shapes that stress the chunking: one element, odd sizes, more than one 4096-element chunk with a
+    ragged tail, a 0-dim and an empty tensor, a transposed (non-contiguous) matrix and 40 tiny tensors."""
+    gen = torch.Generator().manual_seed(seed)
+    shapes = [(1,), (7,), (3, 5), (70, 90), (4097,), (), (0,), (33, 129)]
+    params = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
+    params.append((torch.randn(90, 60, generator=gen) * 0.1).t())  # non-contiguous
+    params += [torch.randn(3, generator=gen) for _ in range(40)]
+    return [torch.nn.Parameter(p.to(device=DEVICE, dtype=dtype)) for p in params]
+
+
+def _groups(params, density):
+    matrices = [p for p in params if p.dim() == 2]
+    others = [p for p in params if p.dim() != 2]
+    return [{"params": matrices, "density": density}, {"params": others}]
+
+
+def _run(implementation: dict, dtype: torch.dtype, density: float, steps: int = 12, nonfinite_at: int = 7,
+         **overrides):
+    params = _params(dtype)
+    opt = SPAM(_groups(params, density), **{**HYPER, **overrides}, **implementation)
+    opt.record_statistics = True
+    stream = spiky_gradients([tuple(p.shape) for p in params], steps, seed=1, spike_rate=0.05)
+    counts = []
+    for step, grads in enumerate(stream, start=1):
+        if step == nonfinite_at:
+            grads[3][0, 0] = float("nan")
+        set_grads(params, grads)
+        given = [p.grad.clone() for p in params]
+        opt.step()
+        for p, g in zip(params, given):  # p.grad is read only
+            torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
+        counts.append([int(opt.last_statistics["clipped"].get(p, 0)) for p in params])
+    return params, opt, counts
+
+
+@pytest.mark.parametrize("density", [1.0, 0.25])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fused_matches_the_for_loop(dtype, density):
+    """Same parameters (fp32: 1e-5 relative; half precision: one unit in the last place, since both compute in
+    fp32 and round once, but in a different operation order), same fp32 moments, bias-correction counts and
+    clip counts."""
+    ref_params, ref_opt, ref_counts = _run({"foreach": False}, dtype, density)
+    params, opt, counts = _run({"fused": True}, dtype, density)
+    ulp = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    tolerance = {"rtol": ulp, "atol": 1e-6}
+    for ref, got in zip(ref_params, params):
+        torch.testing.assert_close(got, ref, **tolerance)
+        ref_state, state = ref_opt.state[ref], opt.state[got]
+        assert state["exp_avg"].dtype == torch.float32
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[key], ref_state[key], rtol=1e-5, atol=1e-9)
+        for key in ("step", "skipped_steps"):
+            assert torch.equal(state[key], ref_state[key])
+    if dtype == torch.float32:
+        assert counts == ref_counts
+    assert sum(map(sum, ref_counts)) > 0, "clipping never fired: the test would not see it"
+    assert ref_opt.state[ref_params[0]]["skipped_steps"] == 1
+
+
+@pytest.mark.parametrize("overrides", [{"maximize": True}, {"bias_correction_reset": True},
+                                       {"skip_nonfinite": False}, {"lr": torch.tensor(3e-3)}])
+def test_fused_matches_the_for_loop_for_each_option(overrides):
+    ref_params, *_ = _run({"foreach": False}, torch.float32, 0.5, **overrides)
+    params, *_ = _run({"fused": True}, torch.float32, 0.5, **overrides)
+    for ref, got in zip(ref_params, params):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_state_moves_between_fused_and_for_loop():
+    """The fused step keeps the state layout: a run that switches implementation halfway through (through
+    state_dict) ends where the for-loop run ends."""
+    ref_params, *_ = _run({"foreach": False}, torch.float32, 0.5)
+    params = _params(torch.float32)
+    stream = spiky_gradients([tuple(p.shape) for p in params], 12, seed=1, spike_rate=0.05)
+    stream[6][3][0, 0] = float("nan")
+    opt = SPAM(_groups(params, 0.5), **HYPER, fused=True)
+    for step, grads in enumerate(stream, start=1):
+        if step == 6:
+            saved = opt.state_dict()
+            opt = SPAM(_groups(params, 0.5), **HYPER, foreach=False)
+            opt.load_state_dict(saved)
+        set_grads(params, grads)
+        opt.step()
+    for ref, got in zip(ref_params, params):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_arguments_are_checked(monkeypatch):
+    params = _params(torch.float32)[:2]
+    with pytest.raises(ValueError, match="foreach/fused"):
+        SPAM(params, foreach=True, fused=True)
+    with pytest.raises(ValueError, match="Invalid fused value"):
+        SPAM(params, fused="yes")
+    if DEVICE == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        opt = SPAM(params, fused=True)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        with pytest.raises(RuntimeError, match="fused=True needs Triton"):
+            opt.step()
+
+
+def test_fused_is_the_default_only_on_cuda():
+    params = _params(torch.float32)[:2]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    opt = SPAM(params)
+    calls = []
+    import spamopt.optim.functional as functional
+
+    original = functional._fused_spam
+    functional._fused_spam = lambda *a, **k: (calls.append(1), original(*a, **k))
+    try:
+        opt.step()
+    finally:
+        functional._fused_spam = original
+    assert bool(calls) == (DEVICE == "cuda")
