@@ -1,7 +1,9 @@
 """Optimizer-step time of SPAM against torch.optim.AdamW on LLaMA-shaped parameter sets.
 
 Every implementation steps the same parameters and gradients in one process, side by side; the table
-reports milliseconds per step and the ratio to torch's fused AdamW (and its foreach path). Writes JSON.
+reports milliseconds per step, the ratio to torch's fused AdamW (and its foreach path) and the ratio to the
+memory-bandwidth floor: an fp32 Adam-family step reads p, g, m, v and writes p, m, v, 28 bytes per
+parameter, timed against the copy bandwidth measured in the same run. Writes JSON.
 
     python benchmarks/step_speed.py                              # CPU, LLaMA-60M shapes
     python benchmarks/step_speed.py --device cuda --models 350m 1b
@@ -20,6 +22,9 @@ import torch
 
 from spamopt import SPAM
 from spamopt.experiments.lm.config import CONFIGS
+from spamopt.optim.fused import fused_available
+
+FLOOR_BYTES_PER_PARAMETER = 28  # fp32: read p, g, m, v; write p, m, v
 
 SPARSE_MODULES = ("attn.", "mlp.")  # the reference puts attention and MLP matrices in the density group
 
@@ -34,18 +39,22 @@ def _params(model: str, device: str) -> list[tuple[str, torch.nn.Parameter]]:
     return named
 
 
-def _candidates(named):
+def _candidates(named, device: str):
     params = [p for _, p in named]
     sparse = [p for n, p in named if p.dim() == 2 and any(m in n for m in SPARSE_MODULES)]
     dense = [p for n, p in named if not (p.dim() == 2 and any(m in n for m in SPARSE_MODULES))]
     sparse_groups = [{"params": sparse, "density": 0.25}, {"params": dense}]
-    return {
+    candidates = {
         "adamw_foreach": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True),
         "adamw_fused": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True),
         "spam_forloop": lambda: SPAM(params, lr=1e-3, foreach=False, clip_delay=0),
         "spam_foreach": lambda: SPAM(params, lr=1e-3, foreach=True, clip_delay=0),
         "spam_sparse25_foreach": lambda: SPAM(sparse_groups, lr=1e-3, foreach=True, clip_delay=0),
     }
+    if device == "cuda" and fused_available(torch.device(device)):
+        candidates["spam_fused"] = lambda: SPAM(params, lr=1e-3, fused=True, clip_delay=0)
+        candidates["spam_sparse25_fused"] = lambda: SPAM(sparse_groups, lr=1e-3, fused=True, clip_delay=0)
+    return candidates
 
 
 def _sync(device: str) -> None:
@@ -58,12 +67,28 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
                if isinstance(t, torch.Tensor))
 
 
-def measure(model: str, device: str, repeats: int, warmup: int) -> dict:
+def copy_bandwidth(device: str, repeats: int = 10) -> float:
+    """Bytes per second of a large device-to-device copy (each byte read once and written once)."""
+    size = (1 << 30) if device == "cuda" else (1 << 28)
+    src = torch.empty(size // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    _sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        dst.copy_(src)
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * size / statistics.median(times)
+
+
+def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float) -> dict:
     named = _params(model, device)
     numel = sum(p.numel() for _, p in named)
     snapshot = [p.detach().clone() for _, p in named]
     rows = {}
-    for name, make in _candidates(named).items():
+    for name, make in _candidates(named, device).items():
         for (_, p), s in zip(named, snapshot):
             p.data.copy_(s)
         opt = make()
@@ -84,10 +109,12 @@ def measure(model: str, device: str, repeats: int, warmup: int) -> dict:
             row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
         rows[name] = row
         del opt
+    floor_ms = 1e3 * FLOOR_BYTES_PER_PARAMETER * numel / bandwidth
     for row in rows.values():
+        row["vs_floor"] = row["ms_per_step"] / floor_ms
         row["vs_adamw_fused"] = row["ms_per_step"] / rows["adamw_fused"]["ms_per_step"]
         row["vs_adamw_foreach"] = row["ms_per_step"] / rows["adamw_foreach"]["ms_per_step"]
-    return {"model": model, "parameters": numel, "results": rows}
+    return {"model": model, "parameters": numel, "floor_ms": floor_ms, "results": rows}
 
 
 def main() -> None:
@@ -103,15 +130,20 @@ def main() -> None:
         device_name = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     else:
         device_name = torch.cuda.get_device_name()
-    report = {"device": device_name, "torch": torch.__version__, "runs": []}
+    bandwidth = copy_bandwidth(args.device)
+    report = {"device": device_name, "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "runs": []}
+    print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     for model in args.models:
-        run = measure(model, args.device, args.repeats, args.warmup)
+        run = measure(model, args.device, args.repeats, args.warmup, bandwidth)
         report["runs"].append(run)
-        print(f"\nLLaMA-{model} shapes, {run['parameters'] / 1e6:.1f}M parameters, {device_name}")
-        print(f"{'implementation':<24}{'ms/step':>10}{'vs fused':>10}{'vs foreach':>12}{'state MiB':>11}")
+        print(f"\nLLaMA-{model} shapes, {run['parameters'] / 1e6:.1f}M parameters, {device_name}, "
+              f"28-byte floor {run['floor_ms']:.2f} ms")
+        print(f"{'implementation':<24}{'ms/step':>10}{'vs floor':>10}{'vs fused':>10}{'vs foreach':>12}"
+              f"{'state MiB':>11}{'peak extra MiB':>16}")
         for name, row in run["results"].items():
-            print(f"{name:<24}{row['ms_per_step']:>10.1f}{row['vs_adamw_fused']:>10.2f}"
-                  f"{row['vs_adamw_foreach']:>12.2f}{row['state_bytes'] / 2**20:>11.1f}")
+            print(f"{name:<24}{row['ms_per_step']:>10.2f}{row['vs_floor']:>10.2f}{row['vs_adamw_fused']:>10.2f}"
+                  f"{row['vs_adamw_foreach']:>12.2f}{row['state_bytes'] / 2**20:>11.1f}"
+                  f"{row.get('peak_extra_bytes', float('nan')) / 2**20:>16.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")

@@ -84,6 +84,8 @@ def _train_or_compare(args: argparse.Namespace) -> None:
                 print(json.dumps(summary, indent=2))
         else:
             print(compare(_config(CompareConfig, args), _config(TrainConfig, args, run_dir=str(args.out_dir))))
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()  # no rank tears the group down while another still talks to it
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # a live gloo group aborts the interpreter at exit

@@ -37,7 +37,7 @@ def _groups(params, density):
 def _run(implementation: dict, dtype: torch.dtype, density: float, steps: int = 12, nonfinite_at: int = 7,
          **overrides):
     params = _params(dtype)
-    opt = SPAM(_groups(params, density), **{**HYPER, **overrides}, **implementation)
+    opt = SPAM(_groups(params, density), **{**HYPER, **overrides, **implementation})
     opt.record_statistics = True
     stream = spiky_gradients([tuple(p.shape) for p in params], steps, seed=1, spike_rate=0.05)
     counts = []
@@ -135,3 +135,85 @@ def test_fused_is_the_default_only_on_cuda():
     finally:
         functional._fused_spam = original
     assert bool(calls) == (DEVICE == "cuda")
+
+
+@pytest.mark.parametrize("reset_interval,warmup_steps,clip_delay,threshold",
+                         [(0, 0, 0, 5000.0), (1, 0, 0, 5.0), (2, 1, 1, 5.0), (7, 3, 2, 5.0), (50, 20, 5, 0.0),
+                          (500, 150, 20, 5000.0)])
+def test_device_decisions_equal_the_scalar_schedule(reset_interval, warmup_steps, clip_delay, threshold):
+    """The tensor schedule a captured graph uses takes, at every step τ = 1…1200, the decisions of the scalar
+    functions the other paths use."""
+    from spamopt.optim import schedule
+
+    steps = torch.arange(1, 1201, dtype=torch.int64)
+    reset, in_force, multiplier = schedule.device_decisions(steps, threshold, reset_interval, warmup_steps,
+                                                            clip_delay)
+    for tau in range(1, 1201):
+        assert bool(reset[tau - 1]) == schedule.is_reset_step(tau, reset_interval)
+        active = schedule.clipping_active(tau, threshold, reset_interval, clip_delay)
+        assert float(in_force[tau - 1]) == (threshold if active else 0.0)
+        assert float(multiplier[tau - 1]) == pytest.approx(
+            schedule.warmup_multiplier(tau, reset_interval, warmup_steps), abs=1e-12)
+
+
+@pytest.mark.parametrize("bias_correction_reset", [False, True])
+def test_capturable_matches_the_for_loop(bias_correction_reset):
+    """With the clock on the device and every decision taken there, the step is the same."""
+    ref_params, *_ = _run({"foreach": False}, torch.float32, 1.0, bias_correction_reset=bias_correction_reset)
+    params, opt, _ = _run({"capturable": True, "lr": torch.tensor(HYPER["lr"], device=DEVICE)}, torch.float32,
+                          1.0, bias_correction_reset=bias_correction_reset)
+    for ref, got in zip(ref_params, params):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    clock = opt.state[params[0]]["global_step"]
+    assert clock.device == params[0].device and int(clock) == 12
+    reloaded = SPAM(_groups(params, 1.0), **HYPER, capturable=True)
+    reloaded.load_state_dict(opt.state_dict())
+    assert reloaded.state[params[0]]["global_step"].device == params[0].device
+
+
+def test_capturable_arguments_are_checked():
+    params = _params(torch.float32)[:3]
+    with pytest.raises(ValueError, match="needs the fused implementation"):
+        SPAM(params, capturable=True, fused=False)
+    with pytest.raises(ValueError, match="Invalid density value: 0.5 with capturable=True"):
+        SPAM(params, capturable=True, density=0.5)
+    with pytest.raises(ValueError, match="every parameter group must use the same"):
+        SPAM([{"params": params[:1]}, {"params": params[1:], "capturable": True}])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_step_captured_in_a_cuda_graph_replays_like_eager_steps():
+    """Capture one step after three warm-up steps, then replay it over a gradient stream that crosses a reset,
+    the post-reset warmup and a non-finite step: parameters equal the eager capturable run's."""
+    stream = spiky_gradients([(257, 129), (1000,)], 14, seed=3, spike_rate=0.05)
+    stream[9][0][0, 0] = float("nan")
+
+    def fresh():
+        params = [torch.nn.Parameter(torch.full(s, 0.1, device="cuda")) for s in [(257, 129), (1000,)]]
+        return params, SPAM(params, **{**HYPER, "lr": torch.tensor(1e-2, device="cuda")}, capturable=True)
+
+    eager_params, eager = fresh()
+    for grads in stream:
+        set_grads(eager_params, grads)
+        eager.step()
+
+    params, opt = fresh()
+    for p, g in zip(params, stream[0]):
+        p.grad = torch.tensor(g, device="cuda", dtype=torch.float32)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for grads in stream[:3]:
+            for p, g in zip(params, grads):
+                p.grad.copy_(torch.tensor(g))
+            opt.step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step()
+    for grads in stream[3:]:
+        for p, g in zip(params, grads):
+            p.grad.copy_(torch.tensor(g))
+        graph.replay()
+    for got, ref in zip(params, eager_params):
+        torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)

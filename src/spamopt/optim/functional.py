@@ -219,9 +219,9 @@ def _fused_spam(
     beta2: float,
     eps: float,
     weight_decay: float,
-    threshold: float,
-    reset: bool,
-    warmup_multiplier: float,
+    threshold: float | Tensor,
+    reset: bool | Tensor,
+    warmup_multiplier: float | Tensor,
     bias_correction_reset: bool,
     maximize: bool,
     clip_counts: list[Tensor] | None,
@@ -237,19 +237,26 @@ def _fused_spam(
     for device, index in by_device.items():
         ks = [steps[i] for i in index]
         keep_float = torch.ones((), device=device) if keep is None else keep.to(device, torch.float32)
-        if reset and bias_correction_reset:
-            torch._foreach_zero_(ks)
+        if isinstance(reset, Tensor):  # capturable: decided on the device
+            reset_float = reset.to(device, torch.float32)
+            if bias_correction_reset:
+                torch._foreach_mul_(ks, 1.0 - reset_float)
+        else:
+            reset_float = keep_float * 0 + float(reset)
+            if reset and bias_correction_reset:
+                torch._foreach_zero_(ks)
         torch._foreach_add_(ks, keep_float)
         # Per-step decisions as device values (no host round trip): keep, decay factor, reset, θ in force.
         decay = 1.0 - lr * weight_decay * keep_float
-        scalars = torch.stack([keep_float, decay, keep_float * 0 + float(reset), keep_float * 0 + threshold])
+        threshold_float = keep_float * 0 + (threshold.to(device) if isinstance(threshold, Tensor) else threshold)
+        scalars = torch.stack([keep_float, decay, reset_float, threshold_float])
         sizes = _step_sizes(ks, lr, beta1, beta2, warmup_multiplier * keep_float.double(), torch.float32)
         counts: list[Tensor | None] | None = None if clip_counts is None else [None] * len(index)
         fused_spam([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
                    [exp_avg_sqs[i] for i in index], list(sizes.unbind(0)), scalars.float(),
                    [mask_bits[i] for i in index], beta1=beta1, beta2=beta2, eps=eps, density=density,
                    skip=keep is not None, maximize=maximize, clip_counts=counts)
-        if clip_counts is not None and threshold > 0:
+        if clip_counts is not None and (isinstance(threshold, Tensor) or threshold > 0):
             for k, i in enumerate(index):
                 clip_counts[i] = counts[k]
 
@@ -289,6 +296,7 @@ def spam(
         threshold: the spike threshold θ in force for this step (0: no clipping this step).
         reset: zero the moments before the update.
         warmup_multiplier: the post-reset multiplier ``s`` for this step.
+            (The fused path also takes these three as device tensors, for CUDA-graph capture.)
         foreach, fused: the implementation: the fused Triton kernel (:mod:`.fused`), the multi-tensor path,
             or (both False) the for-loop reference.
         density: the group's sparse-momentum density (the fused kernel derives compact indices from it).

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import math
 
+import torch
+from torch import Tensor
+
 __all__ = [
     "is_reset_step",
     "is_mask_redraw_step",
@@ -16,6 +19,7 @@ __all__ = [
     "clipping_active",
     "steps_since_reset",
     "warmup_multiplier",
+    "device_decisions",
 ]
 
 
@@ -67,3 +71,28 @@ def warmup_multiplier(step: int, reset_interval: int, warmup_steps: int) -> floa
     if c is None or c >= warmup_steps:
         return 1.0
     return 1.0 - 0.99 * (1.0 + math.cos(math.pi * c / (warmup_steps + 1))) / 2.0
+
+
+def device_decisions(
+    step: Tensor, threshold: float, reset_interval: int, warmup_steps: int, clip_delay: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The decisions above for a clock held on the device: ``(reset, θ in force, s)`` as tensors.
+
+    ``reset`` is 1.0 or 0.0 (float32), ``θ in force`` is ``θ`` or 0.0 (float32), ``s`` the warmup multiplier
+    (float64). Computed with tensor operations only, so a step captured in a CUDA graph takes the decisions
+    of each replay instead of those frozen at capture. Tested equal to the scalar functions.
+    """
+    if reset_interval > 0:
+        phase = torch.remainder(step, reset_interval)
+        reset = phase == 0
+        after_first_reset = step // reset_interval * reset_interval >= 2  # steps_since_reset is defined
+        c = phase.to(torch.float64)
+        cosine = 1.0 - 0.99 * (1.0 + torch.cos(math.pi * c / (warmup_steps + 1))) / 2.0
+        multiplier = torch.where(after_first_reset & (phase < warmup_steps), cosine, 1.0)
+        active = (step >= clip_delay) & (phase >= clip_delay)
+    else:
+        reset = torch.zeros_like(step, dtype=torch.bool)
+        multiplier = torch.ones_like(step, dtype=torch.float64)
+        active = step >= clip_delay
+    in_force = active.to(torch.float32) * threshold if threshold > 0 else torch.zeros_like(step, dtype=torch.float32)
+    return reset.to(torch.float32), in_force, multiplier

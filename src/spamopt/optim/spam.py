@@ -73,6 +73,12 @@ def _validate_group(group: dict[str, Any]) -> None:
                   accepted="must be in (0, 1]")
     for flag in ("bias_correction_reset", "maximize", "skip_nonfinite"):
         _check_flag(flag, group[flag])
+    _check_flag("capturable", group["capturable"])
+    if group["capturable"] and (group["fused"] is False or group["foreach"]):
+        raise ValueError("Invalid capturable value: True (needs the fused implementation: fused=True or None)")
+    if group["capturable"] and group["density"] < 1.0:
+        raise ValueError(f"Invalid density value: {group['density']} with capturable=True (sparse masks are "
+                         "redrawn from the host's random generator, which a CUDA graph cannot replay; use 1.0)")
     for flag in ("foreach", "fused"):
         if group[flag] is not None:
             _check_flag(flag, group[flag])
@@ -122,6 +128,10 @@ class SPAM(Optimizer):
             float32/bfloat16/float16 parameters; CUDA, or the CPU under ``TRITON_INTERPRET=1``). ``None`` (for
             both flags) picks fused when every parameter of the group qualifies and Triton is installed, else
             foreach on CUDA, else the for-loop reference.
+        capturable: keep the step clock on the device and take every decision (reset, clipping in force,
+            warmup multiplier, skip) there, so ``step()`` can be captured in a CUDA graph and replayed. Needs
+            the fused implementation, ``density=1`` and the same value in every group; give ``lr`` as a
+            tensor on the device for a schedule to reach the graph.
         skip_nonfinite: when any gradient of the step holds NaN or Inf, skip the whole step (no parameter,
             moment or bias-correction count changes; ``state['skipped_steps']`` counts them), decided on the
             device without a host synchronisation. ``False`` treats non-finite coordinates as zero instead.
@@ -161,13 +171,14 @@ class SPAM(Optimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        capturable: bool = False,
         skip_nonfinite: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, threshold=threshold,
             reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay, density=density,
             bias_correction_reset=bias_correction_reset, maximize=maximize, foreach=foreach,
-            fused=fused, skip_nonfinite=skip_nonfinite,
+            fused=fused, capturable=capturable, skip_nonfinite=skip_nonfinite,
         )
         _validate_group(defaults)
         super().__init__(params, defaults)
@@ -175,7 +186,10 @@ class SPAM(Optimizer):
         self.defaults.setdefault("differentiable", False)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        _validate_group({**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}})
+        group = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        _validate_group(group)
+        if self.param_groups and group["capturable"] != self.param_groups[0]["capturable"]:
+            raise ValueError("Invalid capturable value: every parameter group must use the same (one clock)")
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -200,24 +214,30 @@ class SPAM(Optimizer):
             if pid not in saved:
                 continue
             restored = self.state[param]
+            on_host = _HOST_STATE - ({"global_step"} if self.param_groups[0]["capturable"] else set())
             for key, value in saved[pid].items():
-                device = torch.device("cpu") if key in _HOST_STATE else param.device
+                device = torch.device("cpu") if key in on_host else param.device
                 if isinstance(value, Tensor):
                     restored[key] = value.to(device=device)
                 elif key in _INTEGER_STATE or key in ("step", "skipped_steps"):
                     dtype = _INTEGER_STATE.get(key, torch.float32)
                     restored[key] = torch.tensor(value, dtype=dtype, device=device)
 
-    def _completed_steps(self) -> int:
+    def _completed_steps(self) -> int | Tensor:
+        """Steps taken so far: an int, or with ``capturable`` the device clock itself (reading it would sync)."""
         for state in self.state.values():
             if "global_step" in state:
-                return int(state["global_step"])
+                clock = state["global_step"]
+                return clock.clone() if clock.device.type != "cpu" else int(clock)
         return 0
 
     def _init_state(self, param: Tensor, group: dict[str, Any], completed: int, ordinal: int) -> None:
         state = self.state[param]
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
-        state["global_step"] = torch.tensor(completed, dtype=torch.int64)
+        if group["capturable"]:
+            state["global_step"] = torch.as_tensor(completed, dtype=torch.int64).to(param.device, copy=True)
+        else:
+            state["global_step"] = torch.tensor(completed, dtype=torch.int64)
         state["skipped_steps"] = torch.zeros((), dtype=torch.float32, device=param.device)
         if group["density"] < 1.0 and param.dim() == 2:
             numel, dtype = _real_numel(param), param.real.dtype
@@ -309,7 +329,15 @@ class SPAM(Optimizer):
                 continue
             beta1, beta2 = group["betas"]
             interval = group["reset_interval"]
-            clipping = schedule.clipping_active(current, group["threshold"], interval, group["clip_delay"])
+            if group["capturable"]:
+                clock = torch.as_tensor(current, dtype=torch.int64, device=params[0].device)
+                reset, threshold, multiplier = schedule.device_decisions(
+                    clock, group["threshold"], interval, group["warmup_steps"], group["clip_delay"])
+            else:
+                reset = schedule.is_reset_step(current, interval)
+                multiplier = schedule.warmup_multiplier(current, interval, group["warmup_steps"])
+                clipping = schedule.clipping_active(current, group["threshold"], interval, group["clip_delay"])
+                threshold = group["threshold"] if clipping else 0.0
             foreach, fused = group["foreach"], group["fused"]
             if fused is None:  # the default: fused where it runs compiled
                 fused = foreach is None and all(p.is_cuda and _fusable(p) for p in params)
@@ -319,8 +347,6 @@ class SPAM(Optimizer):
                 raise RuntimeError("fused=True needs Triton and real float32/bfloat16/float16 parameters on CUDA "
                                    "(or on the CPU with TRITON_INTERPRET=1)")
             states = [self.state[p] for p in params]
-            reset = schedule.is_reset_step(current, interval)
-            multiplier = schedule.warmup_multiplier(current, interval, group["warmup_steps"])
             clip_counts: list[Tensor | None] | None = [None] * len(params) if self.record_statistics else None
             spam(
                 [_local(p) for p in params],
@@ -335,7 +361,7 @@ class SPAM(Optimizer):
                 beta2=beta2,
                 eps=group["eps"],
                 weight_decay=group["weight_decay"],
-                threshold=group["threshold"] if clipping else 0.0,
+                threshold=threshold,
                 reset=reset,
                 warmup_multiplier=multiplier,
                 bias_correction_reset=group["bias_correction_reset"],
@@ -347,15 +373,18 @@ class SPAM(Optimizer):
             )
             if clip_counts is not None:
                 statistics["clipped"].update((p, c) for p, c in zip(params, clip_counts) if c is not None)
-                statistics["reset"] = statistics["reset"] or reset
-                statistics["warmup_multiplier"] = min(statistics["warmup_multiplier"], multiplier)
+                if group["capturable"]:  # device values: comparing them here would synchronise
+                    statistics["reset"], statistics["warmup_multiplier"] = reset.bool(), multiplier
+                else:
+                    statistics["reset"] = statistics["reset"] or reset
+                    statistics["warmup_multiplier"] = min(statistics["warmup_multiplier"], multiplier)
 
         if self.record_statistics:
             statistics["skipped"] = None if keep is None else ~keep
             self.last_statistics = statistics
         self._advance_clock(keep)
         for group in self.param_groups:
-            if schedule.is_mask_redraw_step(current, group["reset_interval"]):
+            if not group["capturable"] and schedule.is_mask_redraw_step(current, group["reset_interval"]):
                 self._redraw_masks(group, schedule.mask_generation(current + 1, group["reset_interval"]))
         return loss
 

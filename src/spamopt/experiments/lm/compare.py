@@ -17,8 +17,8 @@ from typing import Any
 from .train import TrainConfig, train
 
 # The paper's SPAM schedule (ΔT=500, N=150, D=20 over 10k+ steps) never resets in a few hundred steps; the
-# default comparison is 300 steps, so it resets every 100 with a 30-step warmup. Pass '{}' for paper values.
-SHORT_RUN_SPAM = {"reset_interval": 100, "warmup_steps": 30, "clip_delay": 10}
+# default comparison is 200 steps, so it resets every 75 with a 20-step warmup. Pass '{}' for paper values.
+SHORT_RUN_SPAM = {"reset_interval": 75, "warmup_steps": 20, "clip_delay": 10}
 
 
 @dataclass

@@ -45,15 +45,15 @@ class TrainConfig:
     optimizer_args: dict[str, Any] = field(default_factory=dict)  # passed to the optimizer's constructor
     lr: float = 3e-3
     weight_decay: float = 0.0
-    steps: int = 300
-    warmup_steps: int = 30  # linear LR warmup, then cosine decay to min_lr_ratio · lr
+    steps: int = 200
+    warmup_steps: int = 20  # linear LR warmup, then cosine decay to min_lr_ratio · lr
     min_lr_ratio: float = 0.1
     grad_clip: float = 0.0  # global-norm clipping for any optimizer; 0: off
     seed: int = 0
-    eval_every: int = 100
+    eval_every: int = 50
     eval_tokens: int = 65_536
     log_every: int = 10
-    checkpoint_every: int = 100
+    checkpoint_every: int = 50
     run_dir: str = "runs/train"
     resume: bool = False  # continue from run_dir/checkpoint.pt when it exists
     parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
