@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import os
 from collections import OrderedDict
-from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -132,36 +131,46 @@ if triton is not None:
         tl.store(v_ptr + moment_index, v.to(MOMENT), mask=lane)
 
 
-_tables: OrderedDict[tuple, tuple[Tensor, ...]] = OrderedDict()
+_address_tables: OrderedDict[tuple, Tensor] = OrderedDict()
+_chunk_tables: OrderedDict[tuple, tuple[Tensor, Tensor, Tensor]] = OrderedDict()
 
 
-def _to_device(values: Sequence[int], dtype: torch.dtype, device: torch.device) -> Tensor:
-    host = torch.tensor(values, dtype=dtype)
+def _cached(cache: OrderedDict, key: tuple, build):  # a small LRU
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    value = cache[key] = build()
+    if len(cache) > _TABLE_CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
     if device.type == "cpu":
         return host
     # A pinned source makes the copy asynchronous: the step never waits for the device.
     return host.pin_memory().to(device, non_blocking=True)
 
 
-def _launch_tables(pointers: tuple[tuple[int, ...], ...], numels: tuple[int, ...],
-                   device: torch.device) -> tuple[Tensor, ...]:
-    """Address tables and the chunk table; cached by the addresses, which rarely change between steps."""
-    key = (device, pointers, numels)
-    if key in _tables:
-        _tables.move_to_end(key)
-        return _tables[key]
-    chunks = [-(-n // CHUNK) for n in numels]
-    chunk_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32),
-                                           torch.tensor(chunks, dtype=torch.int64))
-    first_chunk = torch.tensor([0, *chunks[:-1]], dtype=torch.int64).cumsum(0)
-    chunk_start = (torch.arange(len(chunk_tensor), dtype=torch.int64) - first_chunk[chunk_tensor.long()]) * CHUNK
-    tables = (*(_to_device(column, torch.int64, device) for column in pointers),
-              _to_device(chunk_tensor.tolist(), torch.int32, device),
-              _to_device(chunk_start.tolist(), torch.int64, device), _to_device(numels, torch.int64, device))
-    _tables[key] = tables
-    if len(_tables) > _TABLE_CACHE_SIZE:
-        _tables.popitem(last=False)
-    return tables
+def _address_table(pointers: tuple[tuple[int, ...], ...], device: torch.device) -> Tensor:
+    """``[5, T]`` int64 addresses of params, grads, moments and masks. Gradients are often reallocated each
+    step, so this small table is rebuilt when an address changes; one host-to-device copy."""
+    return _cached(_address_tables, (device, pointers),
+                   lambda: _to_device(torch.tensor(pointers, dtype=torch.int64), device))
+
+
+def _chunk_table(numels: tuple[int, ...], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """Program → (tensor, first element), and elements per tensor: depends on the shapes only."""
+
+    def build() -> tuple[Tensor, Tensor, Tensor]:
+        chunks = torch.tensor([-(-n // CHUNK) for n in numels], dtype=torch.int64)
+        chunk_tensor = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), chunks)
+        first_chunk = torch.cumsum(chunks, 0) - chunks
+        chunk_start = (torch.arange(len(chunk_tensor), dtype=torch.int64) - first_chunk[chunk_tensor.long()]) * CHUNK
+        return (_to_device(chunk_tensor, device), _to_device(chunk_start, device),
+                _to_device(torch.tensor(numels, dtype=torch.int64), device))
+
+    return _cached(_chunk_tables, (device, numels), build)
 
 
 def fused_spam(
@@ -213,12 +222,13 @@ def fused_spam(
         vs = [contiguous(exp_avg_sqs[i]) for i in index]
         bits = [mask_bits[i] if sparse else ms[k] for k, i in enumerate(index)]  # unread when dense
         pointers = tuple(tuple(t.data_ptr() for t in column) for column in (ps, gs, ms, vs, bits))
-        *addresses, chunk_tensor, chunk_start, numels = _launch_tables(pointers, tuple(p.numel() for p in ps),
-                                                                       device)
+        addresses = _address_table(pointers, device)
+        chunk_tensor, chunk_start, numels = _chunk_table(tuple(p.numel() for p in ps), device)
         counts = torch.zeros(len(index), dtype=torch.int32, device=device) if clip_counts is not None else scalars
+        sizes = torch.stack([step_sizes[i] for i in index])
         _spam_kernel[(len(chunk_tensor),)](
-            *addresses, chunk_tensor, chunk_start, numels, torch.stack([step_sizes[i] for i in index]), scalars,
-            counts, beta1, beta2, eps, kept_per_stratum,
+            *addresses.unbind(0), chunk_tensor, chunk_start, numels, sizes, scalars, counts,
+            beta1, beta2, eps, kept_per_stratum,
             PARAM=_TL_DTYPES[p_dtype], GRAD=_TL_DTYPES[g_dtype], MOMENT=_TL_DTYPES[m_dtype],
             SPARSE=sparse, SKIP=skip, MAXIMIZE=maximize, COUNT_CLIPS=clip_counts is not None,
             BLOCK=CHUNK, num_warps=8,
