@@ -205,3 +205,15 @@ def test_the_main_command_on_a_minimal_budget(token_cache, tmp_path, capsys):
     assert results["config"]["data"] == "stdlib"
     assert all(math.isfinite(v) for row in results["optimizers"].values() for v in row["val_perplexity"])
     assert (out / "curves.png").exists() and "| spam |" in (out / "report.md").read_text()
+
+
+def test_tensorboard_scalars_are_written(small_run):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = replace(small_run, tensorboard=True, steps=4)
+    train(run)
+    events = EventAccumulator(str(Path(run.run_dir) / "tensorboard"))
+    events.Reload()
+    assert {"train_loss", "val_loss", "lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4]
