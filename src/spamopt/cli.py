@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -84,11 +86,18 @@ def _train_or_compare(args: argparse.Namespace) -> None:
                 print(json.dumps(summary, indent=2))
         else:
             print(compare(_config(CompareConfig, args), _config(TrainConfig, args, run_dir=str(args.out_dir))))
+    except BaseException:
         if dist.is_available() and dist.is_initialized():
-            dist.barrier()  # no rank tears the group down while another still talks to it
-    finally:
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()  # a live gloo group aborts the interpreter at exit
+            dist.destroy_process_group()
+        raise
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # no rank tears the group down while another still talks to it
+        dist.destroy_process_group()
+        # Gloo's worker threads can still be alive during interpreter finalisation and abort it ("terminate
+        # called without an active exception", pytorch/pytorch#190489); all work is written, so leave now.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":

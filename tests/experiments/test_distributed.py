@@ -56,9 +56,13 @@ def single(corpus_dir, token_cache, tmp_path_factory) -> TrainConfig:
     return config
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_match_one(single, parallel, tmp_path):
-    run = replace(single, parallel=parallel, run_dir=str(tmp_path / parallel))
+@pytest.mark.parametrize("parallel,fused", [("ddp", False), ("fsdp", False), ("fsdp", True)])
+def test_two_processes_match_one(single, parallel, fused, tmp_path):
+    """DDP, FSDP2, and FSDP2 with SPAM's fused kernel on the local shards (Triton's CPU interpreter)."""
+    if fused:
+        pytest.importorskip("triton")
+    options = {**single.optimizer_args, "fused": True} if fused else single.optimizer_args
+    run = replace(single, parallel=parallel, optimizer_args=options, run_dir=str(tmp_path / parallel))
     _torchrun(run)
     reference = _weights(single.run_dir)
     for name, value in _weights(run.run_dir).items():

@@ -406,10 +406,10 @@ def _moment_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _fusable(param: Tensor) -> bool:
+    """The fused kernel can step this parameter (or, for a DTensor, its local shard: the step is elementwise)."""
     from .fused import fused_available
 
-    return (param.dtype in (torch.float32, torch.bfloat16, torch.float16)
-            and not _is_distributed_tensor(param) and fused_available(param.device))
+    return param.dtype in (torch.float32, torch.bfloat16, torch.float16) and fused_available(_local(param).device)
 
 
 def _is_distributed_tensor(tensor: Tensor) -> bool:
