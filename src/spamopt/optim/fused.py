@@ -30,6 +30,7 @@ from .sparse import STRATUM
 __all__ = ["CHUNK", "fused_available", "fused_spam"]
 
 CHUNK = STRATUM  # elements per program; must equal the sparse stratum (see the module docstring)
+NUM_WARPS = 8  # not yet tuned on a GPU; sm_90 build: 124 registers (dense fp32), 204 (sparse), no spills
 _TABLE_CACHE_SIZE = 32
 
 try:
@@ -231,7 +232,7 @@ def fused_spam(
             beta1, beta2, eps, kept_per_stratum,
             PARAM=_TL_DTYPES[p_dtype], GRAD=_TL_DTYPES[g_dtype], MOMENT=_TL_DTYPES[m_dtype],
             SPARSE=sparse, SKIP=skip, MAXIMIZE=maximize, COUNT_CLIPS=clip_counts is not None,
-            BLOCK=CHUNK, num_warps=8,
+            BLOCK=CHUNK, num_warps=NUM_WARPS,
         )
         for original, copy in staged:
             original.copy_(copy)

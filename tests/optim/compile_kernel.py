@@ -1,0 +1,46 @@
+"""Build SPAM's fused kernel for an H100 (sm_90) with Triton's compiler and ptxas, no GPU needed, and print
+cuobjdump's resource usage. Run in a process without TRITON_INTERPRET (the kernel must be a JIT function):
+
+    python tests/optim/compile_kernel.py float32 dense
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+
+from spamopt.optim import fused
+
+POINTERS = ("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs", "mask_ptrs", "chunk_start", "numels")
+KINDS = {**dict.fromkeys(POINTERS, "*i64"), "chunk_tensor": "*i32", "clip_counts": "*i32", "step_sizes": "*fp32",
+         "scalars": "*fp32", "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "kept_per_stratum": "i32"}
+
+
+def main(dtype_name: str, layout: str) -> None:
+    element = fused._TL_DTYPES[getattr(torch, dtype_name)]
+    constants = {"PARAM": element, "GRAD": element, "MOMENT": fused._TL_DTYPES[torch.float32],
+                 "SPARSE": layout == "sparse", "SKIP": True, "MAXIMIZE": False, "COUNT_CLIPS": True,
+                 "BLOCK": fused.CHUNK}
+    kernel = fused._spam_kernel
+    names = kernel.arg_names
+    source = ASTSource(kernel, {n: KINDS.get(n, "constexpr") for n in names},
+                       constexprs={(names.index(k),): v for k, v in constants.items()})
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": fused.NUM_WARPS})
+    tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin.name], capture_output=True,
+                               text=True, check=True).stdout
+    print(next(line.strip() for line in usage.splitlines() if "REG:" in line))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
