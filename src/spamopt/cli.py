@@ -21,15 +21,17 @@ def _add_dataclass_options(parser: argparse.ArgumentParser, cls: type, skip: tup
         flag = "--" + spec.name.replace("_", "-")
         default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
         kind = hints[spec.name]
+        help_text = spec.metadata.get("help", "") + (f" (default: {default})" if default not in (None, {}) else "")
         if kind is bool:
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=spec.metadata.get("help"))
             continue
         if typing.get_origin(kind) is dict:
             convert: Any = json.loads
         else:
             options = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
             convert = options[0]
-        parser.add_argument(flag, type=convert, default=default, metavar=spec.name.upper())
+        parser.add_argument(flag, type=convert, default=default, metavar=spec.name.upper(), help=help_text)
 
 
 def _config(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:

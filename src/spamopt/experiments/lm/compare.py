@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from .train import TrainConfig, train
+from .train import TrainConfig, option, train
 
 # The paper's SPAM schedule (ΔT=500, N=150, D=20 over 10k+ steps) never resets in a few hundred steps; the
 # default comparison is 200 steps, so it resets every 75 with a 20-step warmup. Pass '{}' for paper values.
@@ -23,12 +23,13 @@ SHORT_RUN_SPAM = {"reset_interval": 75, "warmup_steps": 20, "clip_delay": 10}
 
 @dataclass
 class CompareConfig:
-    optimizers: str = "spam,adamw,adam-clip"  # comma-separated names (see spamopt.experiments.lm.optimizers)
-    seeds: str = "0,1"  # comma-separated
-    out_dir: str = "runs/compare"
+    optimizers: str = option("spam,adamw,adam-clip", "comma-separated optimizer names")
+    seeds: str = option("0,1", "comma-separated seeds")
+    out_dir: str = option("runs/compare", "runs go to OUT/<optimizer>/seed<k>; the report to OUT")
     optimizer_args: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"spam": dict(SHORT_RUN_SPAM), "spam-sparse": dict(SHORT_RUN_SPAM)})
-    # optimizer name → constructor options; an "lr" entry overrides the shared lr for that optimizer
+        default_factory=lambda: {"spam": dict(SHORT_RUN_SPAM), "spam-sparse": dict(SHORT_RUN_SPAM)},
+        metadata={"help": "JSON: optimizer name → constructor options; an lr entry overrides the shared lr "
+                          "(default: SPAM's schedule scaled to 200 steps; '{}' for the paper's)"})
 
 
 def compare(config: CompareConfig, base: TrainConfig) -> Path:

@@ -28,39 +28,47 @@ from .model import Llama
 from .optimizers import OptimizerSetup, build_optimizer, state_bytes
 
 
+def option(default: Any, help: str) -> Any:
+    """A config field with its command-line help (``default`` may be a factory such as ``dict``)."""
+    if callable(default) and isinstance(default, type):
+        return field(default_factory=default, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Everything a run depends on; saved as ``config.json`` in the run directory."""
 
-    model: str = "mini"  # a key of CONFIGS; its vocabulary is the tokenizer's
-    data: str = "stdlib"  # see spamopt.experiments.lm.data
-    vocab_size: int = 8192
-    tokenizer: str | None = None  # a tokenizer.json to use instead of training a BPE
-    max_train_tokens: int | None = None
-    cache_dir: str = "runs/cache"
-    seq_len: int = 128
-    batch_size: int = 16  # sequences per optimizer step, over all processes and micro-steps
-    micro_batch_size: int = 0  # sequences per process per forward pass; 0: batch_size / processes
-    optimizer: str = "spam"
-    optimizer_args: dict[str, Any] = field(default_factory=dict)  # passed to the optimizer's constructor
-    lr: float = 3e-3
-    weight_decay: float = 0.0
-    steps: int = 200
-    warmup_steps: int = 20  # linear LR warmup, then cosine decay to min_lr_ratio · lr
-    min_lr_ratio: float = 0.1
-    grad_clip: float = 0.0  # global-norm clipping for any optimizer; 0: off
-    seed: int = 0
-    eval_every: int = 50
-    eval_tokens: int = 65_536
-    log_every: int = 10
-    checkpoint_every: int = 50
-    run_dir: str = "runs/train"
-    resume: bool = False  # continue from run_dir/checkpoint.pt when it exists
-    parallel: str = "ddp"  # under torchrun: "ddp" or "fsdp" (FSDP2 fully_shard)
-    spikes: bool = False  # spike telemetry (SpikeMonitor) into run_dir/spikes
-    tensorboard: bool = False
-    wandb: bool = False  # offline unless WANDB_MODE says otherwise
-    progress: bool = True
+    model: str = option("mini", "model size: a key of CONFIGS (tiny, mini, 60m, 130m, 350m, 1b)")
+    data: str = option("stdlib", "stdlib | files, directories, globs (comma-separated) | c4 | c4:GLOB")
+    vocab_size: int = option(8192, "size of the byte-level BPE trained on the train split")
+    tokenizer: str | None = option(None, "a tokenizer.json to use instead of training a BPE")
+    max_train_tokens: int | None = option(None, "stop tokenizing the train split there (required for c4)")
+    cache_dir: str = option("runs/cache", "where tokenizers and token arrays are cached")
+    seq_len: int = option(128, "tokens per training sequence")
+    batch_size: int = option(16, "sequences per optimizer step, over all processes and micro-steps")
+    micro_batch_size: int = option(0, "sequences per process per forward pass; 0: batch_size / processes")
+    optimizer: str = option("spam", "adamw, adam-clip, adafactor, lion, adam-mini, galore, zclip, spam, "
+                                    "spam-sparse")
+    optimizer_args: dict[str, Any] = option(dict, "JSON object passed to the optimizer's constructor")
+    lr: float = option(3e-3, "peak learning rate")
+    weight_decay: float = option(0.0, "decoupled weight decay")
+    steps: int = option(200, "optimizer steps")
+    warmup_steps: int = option(20, "linear LR warmup steps, then cosine decay to min_lr_ratio × lr")
+    min_lr_ratio: float = option(0.1, "final LR as a fraction of the peak")
+    grad_clip: float = option(0.0, "global-norm gradient clipping for any optimizer; 0: off")
+    seed: int = option(0, "seed of the initial weights and the data order")
+    eval_every: int = option(50, "validation every k steps (and at the end); 0: only at the end")
+    eval_tokens: int = option(65_536, "validation tokens per evaluation")
+    log_every: int = option(10, "steps per metrics record")
+    checkpoint_every: int = option(50, "checkpoint every k steps (and at the end); 0: only at the end")
+    run_dir: str = option("runs/train", "where config, metrics, checkpoint and summary go")
+    resume: bool = option(False, "continue from run_dir/checkpoint.pt when it exists")
+    parallel: str = option("ddp", "under torchrun: ddp or fsdp (FSDP2 fully_shard per block)")
+    spikes: bool = option(False, "spike telemetry (SpikeMonitor, SPAM statistics) into run_dir/spikes")
+    tensorboard: bool = option(False, "also write TensorBoard scalars to run_dir/tensorboard")
+    wandb: bool = option(False, "also log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
+    progress: bool = option(True, "progress bar with loss and tokens/s")
 
     def __post_init__(self) -> None:
         checks = {
