@@ -217,3 +217,29 @@ def test_tensorboard_scalars_are_written(small_run):
     events.Reload()
     assert {"train_loss", "val_loss", "lr", "tokens_per_s"} <= set(events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("train_loss")] == [1, 2, 3, 4]
+
+
+def test_wandb_is_offline_unless_asked(small_run, monkeypatch):
+    """W&B gets every metrics record; without WANDB_MODE it runs offline, so no run ever needs a network.
+    (A stand-in module records the calls: the real package is an optional extra.)"""
+    import types
+
+    calls: dict = {"log": []}
+
+    class Run:
+        def log(self, values, step):
+            calls["log"].append((step, values))
+
+        def finish(self):
+            calls["finished"] = True
+
+    def init(**kwargs):
+        calls["init"] = kwargs
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init))
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    train(replace(small_run, wandb=True, steps=4))
+    assert calls["init"]["mode"] == "offline" and calls["init"]["config"]["steps"] == 4
+    assert [step for step, values in calls["log"] if "train_loss" in values] == [1, 2, 3, 4]
+    assert calls["finished"]
