@@ -243,3 +243,28 @@ def test_wandb_is_offline_unless_asked(small_run, monkeypatch):
     assert calls["init"]["mode"] == "offline" and calls["init"]["config"]["steps"] == 4
     assert [step for step, values in calls["log"] if "train_loss" in values] == [1, 2, 3, 4]
     assert calls["finished"]
+
+
+def test_galore_resumes_bit_exactly_with_its_projectors(small_run, monkeypatch):
+    """GaLore keeps a projector object in its state, which torch.distributed.checkpoint cannot hold: the
+    checkpoint stores it beside the state dict and rebuilds it, and a crashed run resumes bit-exactly across
+    projector updates (every 3 steps here)."""
+    pytest.importorskip("galore_torch")
+    import spamopt.experiments.lm.train as train_module
+
+    base = replace(small_run, optimizer="galore", optimizer_args={"update_proj_gap": 3}, steps=8, checkpoint_every=4)
+    whole = replace(base, run_dir=base.run_dir + "-whole")
+    train(whole)
+    save = train_module.checkpoint.save
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt  # the process dies right after its first checkpoint (step 4)
+
+    monkeypatch.setattr(train_module.checkpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(base)
+    monkeypatch.setattr(train_module.checkpoint, "save", save)
+    train(replace(base, resume=True))
+    for name, value in _weights(whole.run_dir).items():
+        assert torch.equal(_weights(base.run_dir)[name], value), name

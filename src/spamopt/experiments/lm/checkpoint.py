@@ -18,6 +18,52 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 CHECKPOINT = "checkpoint.pt"
 
+# Optimizer-state objects that are not tensors (GaLore keeps its projector in the state), saved as their
+# attributes beside the state dict and rebuilt on load. Only these classes are rebuilt, so loading stays as
+# safe as ``torch.load(weights_only=True)``.
+STATE_OBJECTS = {"galore_torch.galore_projector.GaLoreProjector"}
+
+
+def _class_name(value: Any) -> str:
+    return f"{type(value).__module__}.{type(value).__qualname__}"
+
+
+def _parameter_names(model: nn.Module) -> dict[nn.Parameter, str]:
+    return {p: name.removeprefix("module.") for name, p in model.named_parameters()}
+
+
+def _detach_objects(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, dict[str, Any]]:
+    """Take allowed objects out of the optimizer state (``torch.distributed.checkpoint`` handles tensors and
+    plain values only); returns ``{parameter name: {state key: object}}``."""
+    names = _parameter_names(model)
+    detached: dict[str, dict[str, Any]] = {}
+    for param, state in optimizer.state.items():
+        for key, value in list(state.items()):
+            if _class_name(value) in STATE_OBJECTS:
+                detached.setdefault(names[param], {})[key] = state.pop(key)
+    return detached
+
+
+def _attach_objects(model: nn.Module, optimizer: torch.optim.Optimizer, objects: dict[str, dict[str, Any]]) -> None:
+    params = {name: p for p, name in _parameter_names(model).items()}
+    for name, entries in objects.items():
+        optimizer.state[params[name]].update(entries)
+
+
+def _encode(value: Any) -> dict[str, Any]:
+    return {"class": _class_name(value), "attributes": vars(value)}
+
+
+def _decode(encoded: dict[str, Any]) -> Any:
+    import importlib
+
+    if encoded["class"] not in STATE_OBJECTS:
+        raise ValueError(f"checkpoint holds an optimizer-state object of unknown class {encoded['class']!r}")
+    module, _, name = encoded["class"].rpartition(".")
+    instance = object.__new__(getattr(importlib.import_module(module), name))
+    instance.__dict__.update(encoded["attributes"])
+    return instance
+
 
 def _options(distributed: bool) -> StateDictOptions:
     return StateDictOptions(full_state_dict=True, cpu_offload=distributed)
@@ -26,12 +72,18 @@ def _options(distributed: bool) -> StateDictOptions:
 def save(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, rank: int, distributed: bool,
          **extra: Any) -> None:
     """Gather the full state on rank 0 and write it atomically; every rank must call this."""
-    model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(distributed))
+    objects = _detach_objects(model, optimizer)
+    try:
+        model_state, optimizer_state = get_state_dict(model, optimizer, options=_options(distributed))
+    finally:
+        _attach_objects(model, optimizer, objects)
     if rank != 0:
         return
+    encoded = {name: {key: _encode(value) for key, value in entries.items()} for name, entries in objects.items()}
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
-        torch.save({"model": model_state, "optimizer": optimizer_state, **extra}, handle)
+        torch.save({"model": model_state, "optimizer": optimizer_state, "optimizer_objects": encoded, **extra},
+                   handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
@@ -42,4 +94,7 @@ def load(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, dist
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     set_state_dict(model, optimizer, model_state_dict=checkpoint.pop("model"),
                    optim_state_dict=checkpoint.pop("optimizer"), options=_options(distributed))
+    objects = checkpoint.pop("optimizer_objects", {})
+    _attach_objects(model, optimizer, {name: {key: _decode(value) for key, value in entries.items()}
+                                       for name, entries in objects.items()})
     return checkpoint
