@@ -54,6 +54,9 @@ def _candidates(named, device: str):
     if device == "cuda" and fused_available(torch.device(device)):
         candidates["spam_fused"] = lambda: SPAM(params, lr=1e-3, fused=True, clip_delay=0)
         candidates["spam_sparse25_fused"] = lambda: SPAM(sparse_groups, lr=1e-3, fused=True, clip_delay=0)
+        all_matrices = [{"params": [p for p in params if p.dim() == 2], "density": 0.25},
+                        {"params": [p for p in params if p.dim() != 2]}]
+        candidates["spam_sparse25_all_fused"] = lambda: SPAM(all_matrices, lr=1e-3, fused=True, clip_delay=0)
     return candidates
 
 

@@ -238,3 +238,28 @@ def test_kernel_compiles_for_hopper_without_spills(dtype, layout):
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "LOCAL:0" in result.stdout and "STACK:0" in result.stdout, result.stdout
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("density", [1.0, 0.25])
+def test_fused_step_never_synchronises_with_the_host(density):
+    """With CUDA's sync debug mode set to error, twelve default (fused) steps — across a reset, a mask redraw,
+    the clip delay and a non-finite step — run without a single host synchronisation."""
+    params = _params(torch.float32)
+    opt = SPAM(_groups(params, density), **HYPER)
+    stream = spiky_gradients([tuple(p.shape) for p in params], 14, seed=1, spike_rate=0.05)
+    stream[9][3][0, 0] = float("nan")
+    grads = [[torch.tensor(g, dtype=torch.float32, device="cuda") for g in step] for step in stream]
+    for step in grads[:2]:  # state, clock and address tables are created here
+        for p, g in zip(params, step):
+            p.grad = g
+        opt.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in grads[2:]:
+            for p, g in zip(params, step):
+                p.grad = g
+            opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
