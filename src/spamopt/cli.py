@@ -83,11 +83,11 @@ def _train_or_compare(args: argparse.Namespace) -> None:
 
     try:
         if args.command == "train":
-            summary = train(_config(TrainConfig, args))
-            if not dist.is_initialized() or dist.get_rank() == 0:
-                print(json.dumps(summary, indent=2))
+            result = json.dumps(train(_config(TrainConfig, args)), indent=2)
         else:
-            print(compare(_config(CompareConfig, args), _config(TrainConfig, args, run_dir=str(args.out_dir))))
+            result = str(compare(_config(CompareConfig, args), _config(TrainConfig, args, run_dir=str(args.out_dir))))
+        if not dist.is_initialized() or dist.get_rank() == 0:
+            print(result)
     except BaseException:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()

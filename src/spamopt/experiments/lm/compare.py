@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import statistics
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+
+import torch.distributed as dist
 
 from .train import TrainConfig, option, train
 
@@ -39,6 +42,7 @@ def compare(config: CompareConfig, base: TrainConfig) -> Path:
     seeds = [int(s) for s in config.seeds.split(",") if s.strip()]
     if not names or not seeds:
         raise ValueError(f"Invalid optimizers/seeds value: {config.optimizers!r} / {config.seeds!r} (non-empty)")
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
     for name in names:
         options = dict(config.optimizer_args.get(name, {}))
         lr = options.pop("lr", base.lr)
@@ -47,8 +51,11 @@ def compare(config: CompareConfig, base: TrainConfig) -> Path:
                           run_dir=str(out / name / f"seed{seed}"))
             if _finished(run):
                 continue
-            print(f"== {name}, seed {seed} -> {run.run_dir}", flush=True)
+            if rank == 0:
+                print(f"== {name}, seed {seed} -> {run.run_dir}", flush=True)
             train(run)
+    if rank != 0:  # under torchrun, rank 0 writes the report
+        return out / "report.md"
     return write_report(out, names, seeds)
 
 
