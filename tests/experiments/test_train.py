@@ -75,7 +75,7 @@ def test_resume_after_sigkill_is_bit_exact(small_run, optimizer):
     crosses a reset; ZClip's running statistics are part of the checkpoint."""
     if optimizer == "zclip":
         pytest.importorskip("zclip")
-    base = replace(small_run, optimizer=optimizer, steps=24, checkpoint_every=4, eval_every=12,
+    base = replace(small_run, optimizer=optimizer, steps=48, checkpoint_every=4, eval_every=12,
                    optimizer_args={} if optimizer == "zclip" else {"reset_interval": 5, "warmup_steps": 2,
                                                                     "clip_delay": 1, "threshold": 2.0})
     whole = replace(base, run_dir=base.run_dir + "-whole")
