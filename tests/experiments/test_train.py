@@ -42,6 +42,13 @@ def test_lr_schedule_is_linear_warmup_then_cosine_to_the_floor():
     assert all(a >= b for a, b in zip(values[10:], values[11:]))
 
 
+def test_perplexity_of_a_diverged_run_is_infinite_not_an_error():
+    from spamopt.experiments.lm.train import perplexity
+
+    assert perplexity(math.log(30.0)) == pytest.approx(30.0)
+    assert perplexity(800.0) == math.inf and math.isnan(perplexity(math.nan))
+
+
 @pytest.mark.parametrize("field,value,accepted", [("model", "7b", "one of"), ("steps", 0, ">= 1"),
                                                   ("min_lr_ratio", 1.5, r"in \[0, 1\]"),
                                                   ("parallel", "zero3", "'ddp' or 'fsdp'")])

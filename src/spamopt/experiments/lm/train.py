@@ -100,6 +100,11 @@ def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: flo
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def perplexity(loss: float) -> float:
+    """``exp(loss)``; a diverged run gives ``inf`` (or ``nan``) instead of an OverflowError."""
+    return math.exp(loss) if loss < 700 else math.inf if loss == loss else math.nan
+
+
 # ----------------------------------------------------------------------------------------- processes
 
 
@@ -313,7 +318,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     tokens_per_step = config.batch_size * config.seq_len
     running_loss = torch.zeros((), device=processes.device)
     clock, clock_step = time.perf_counter(), start
-    val_loss = math.nan
+    val_loss: float | None = None
     for step in range(start, config.steps):
         step_loss = torch.zeros((), device=processes.device)
         for m in range(accumulation):
@@ -325,12 +330,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 loss.backward()
             step_loss += loss.detach()
         running_loss += step_loss
+        if monitor is not None:  # the raw gradients, before any clipping
+            monitor.observe(step=step, loss=step_loss)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         if setup.clipper is not None:
             setup.clipper(model)
-        if monitor is not None:
-            monitor.observe(step=step, loss=step_loss)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
         scheduler.step()
@@ -348,7 +353,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             clock, clock_step = time.perf_counter(), done
         if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
             val_loss = evaluate(model, data, config, processes, micro, autocast)
-            metrics.log(done, val_loss=val_loss, val_perplexity=math.exp(val_loss))
+            metrics.log(done, val_loss=val_loss, val_perplexity=perplexity(val_loss))
             clock = time.perf_counter()  # evaluation is not training throughput
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
             save(done)
@@ -356,7 +361,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if progress is not None:
             progress.update(1)
 
-    if math.isnan(val_loss):  # resumed a finished run
+    if val_loss is None:  # resumed a finished run
         val_loss = evaluate(model, data, config, processes, micro, autocast)
     if progress is not None:
         progress.close()
@@ -365,7 +370,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     metrics.close()
     summary = {
         "optimizer": config.optimizer, "seed": config.seed, "steps": config.steps,
-        "val_loss": val_loss, "val_perplexity": math.exp(val_loss) if val_loss == val_loss else math.nan,
+        "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
         "optimizer_state_bytes_per_process": state_bytes(optimizer),
         "parameters": sum(math.prod(shape) for shape in model_config.parameter_shapes().values()),
         "processes": processes.world, "device": str(processes.device),
