@@ -141,3 +141,23 @@ def test_window_order_is_a_resumable_permutation_per_epoch():
     np.testing.assert_array_equal(windows.sample(0)[1:], windows.sample(0)[:-1] + 1)  # consecutive tokens
     other = TokenWindows(tokens, seq_len=10, seed=4)
     assert [int(other.sample(k)[0]) for k in range(100)] != [int(windows.sample(k)[0]) for k in range(100)]
+
+
+def test_an_endless_stream_is_read_only_up_to_the_token_budget(tmp_path, monkeypatch):
+    """Tokenizing a streamed corpus (C4 has no practical end) consumes documents lazily and stops at
+    max_train_tokens."""
+    from itertools import count
+
+    consumed = []
+
+    def endless(split):
+        for i in count():
+            consumed.append(i)
+            if i > 20_000:
+                raise AssertionError("the stream was read far past the token budget")
+            yield f"document {i} " * 20
+
+    tokenizer = lm_data.train_tokenizer([f"document {i} " * 20 for i in range(50)], vocab_size=300)
+    lm_data._write_tokens(endless("train"), tokenizer, tmp_path / "train.bin", max_tokens=10_000)
+    assert (tmp_path / "train.bin").stat().st_size == 2 * 10_000
+    assert len(consumed) < 2_000

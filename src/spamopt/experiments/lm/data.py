@@ -21,6 +21,7 @@ from __future__ import annotations
 import glob as globlib
 import gzip
 import hashlib
+import itertools
 import json
 import lzma
 import os
@@ -266,7 +267,7 @@ def _write_tokens(texts: Iterable[str], tokenizer: Any, out: Path, max_tokens: i
     tmp = out.with_suffix(".tmp")
     with open(tmp, "wb") as handle:
         batch: list[str] = []
-        for text in [*texts, None]:
+        for text in itertools.chain(texts, [None]):  # lazily: a streamed corpus has no end
             if text is not None:
                 batch.append(text)
             if batch and (text is None or len(batch) == 256):
