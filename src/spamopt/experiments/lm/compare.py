@@ -144,7 +144,7 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
         f"{config['lr']} (cosine, {config['warmup_steps']} warmup steps, floor {config['min_lr_ratio']}×), "
         f"seeds {results['seeds']}, device `{results['device']}`.",
         "",
-        f"| optimizer | final validation perplexity (mean ± std, {n} seeds) | per seed | tokens/s | "
+        f"| optimizer | final validation perplexity (mean ± std, {n} seed{'s' if n > 1 else ''}) | per seed | tokens/s | "
         "optimizer state per process |",
         "| --- | --- | --- | --- | --- |",
     ]
