@@ -144,8 +144,8 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
         f"{config['lr']} (cosine, {config['warmup_steps']} warmup steps, floor {config['min_lr_ratio']}×), "
         f"seeds {results['seeds']}, device `{results['device']}`.",
         "",
-        f"| optimizer | final validation perplexity (mean ± std, {n} seed{'s' if n > 1 else ''}) | per seed | tokens/s | "
-        "optimizer state per process |",
+        f"| optimizer | final validation perplexity (mean ± std, {n} seed{'s' if n > 1 else ''}) | per seed | "
+        "tokens/s | optimizer state per process |",
         "| --- | --- | --- | --- | --- |",
     ]
     for name, row in sorted(results["optimizers"].items(), key=lambda kv: kv[1]["val_perplexity_mean"]):
