@@ -10,6 +10,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+import torch
 
 from spamopt.experiments.lm.train import TrainConfig
 
@@ -59,3 +60,8 @@ def train_command(config: TrainConfig) -> list[str]:
         elif value is not None:
             args += [flag, str(value)]
     return args
+
+
+def checkpoint_weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The model weights in a run's last checkpoint."""
+    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)["model"]

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from spamopt.experiments.lm.train import TrainConfig, train
 
-from .conftest import train_command
+from .conftest import checkpoint_weights as _weights, train_command
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -35,10 +35,6 @@ def _torchrun(config: TrainConfig, processes: int = 2) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
-
-
-def _weights(run_dir: str) -> dict[str, torch.Tensor]:
-    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)["model"]
 
 
 def _summary(run_dir: str) -> dict:

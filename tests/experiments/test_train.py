@@ -23,11 +23,7 @@ from spamopt.experiments.lm.model import Llama
 from spamopt.experiments.lm.optimizers import OPTIMIZERS, build_optimizer, state_bytes
 from spamopt.experiments.lm.train import TrainConfig, lr_multiplier, train
 
-from .conftest import train_command
-
-
-def _weights(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    return torch.load(Path(run_dir) / "checkpoint.pt", weights_only=True)["model"]
+from .conftest import checkpoint_weights as _weights, train_command
 
 
 def _records(run_dir: str | Path) -> list[dict]:

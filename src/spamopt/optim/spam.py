@@ -341,11 +341,11 @@ class SPAM(Optimizer):
             foreach, fused = group["foreach"], group["fused"]
             if fused is None:  # the default: fused where it runs compiled
                 fused = foreach is None and all(p.is_cuda and _fusable(p) for p in params)
-            if foreach is None:
-                foreach = not fused and all(p.is_cuda for p in params)
-            if fused and not all(_fusable(p) for p in params):
+            elif fused and not all(_fusable(p) for p in params):
                 raise RuntimeError("fused=True needs Triton and real float32/bfloat16/float16 parameters on CUDA "
                                    "(or on the CPU with TRITON_INTERPRET=1)")
+            if foreach is None:
+                foreach = not fused and all(p.is_cuda for p in params)
             states = [self.state[p] for p in params]
             clip_counts: list[Tensor | None] | None = [None] * len(params) if self.record_statistics else None
             spam(

@@ -168,10 +168,6 @@ class StdlibCorpus(FileCorpus):
         for path in stdlib_files():
             self.splits[_hashed_split(str(path.relative_to(root)), validation_fraction)].append(path)
 
-    def documents(self, split: str) -> Iterator[str]:
-        for path in self.splits[split]:
-            yield path.read_text(encoding="utf-8", errors="replace")
-
     def fingerprint(self) -> dict[str, Any]:
         return {"stdlib": sys.version, **{s: [len(p), sum(f.stat().st_size for f in p)]
                                           for s, p in self.splits.items()}}

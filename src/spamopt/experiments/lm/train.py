@@ -21,6 +21,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..extras import require
 from . import checkpoint
 from .config import CONFIGS
 from .data import DataConfig, TokenData, TokenWindows, prepare
@@ -212,13 +213,9 @@ class Metrics:
                     if line.strip() and json.loads(line)["step"] <= resumed_step]
         self.path.write_text("".join(line + "\n" for line in kept))
         if config.tensorboard:
-            from ..extras import require
-
             self.writers.append(require("torch.utils.tensorboard", "tensorboard", "tensorboard")
                                 .SummaryWriter(str(run_dir / "tensorboard")))
         if config.wandb:
-            from ..extras import require
-
             wandb = require("wandb", "wandb")
             self.wandb_run = wandb.init(project="spamopt", dir=str(run_dir), config=asdict(config),
                                         mode=os.environ.get("WANDB_MODE", "offline"), name=run_dir.name)
@@ -311,8 +308,6 @@ def train(config: TrainConfig) -> dict[str, Any]:
     windows = TokenWindows(data.train, config.seq_len, config.seed)
     progress = None
     if config.progress and processes.rank == 0:
-        from ..extras import require
-
         progress = require("tqdm", "lm").tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True)
 
     tokens_per_step = config.batch_size * config.seq_len
