@@ -12,6 +12,7 @@ import torch
 
 from spamopt import SPAM
 
+from .host_reads import HostReads
 from .streams import set_grads, spiky_gradients
 
 pytest.importorskip("triton")
@@ -263,3 +264,43 @@ def test_fused_step_never_synchronises_with_the_host(density):
             opt.step()
     finally:
         torch.cuda.set_sync_debug_mode(0)
+
+
+def test_host_read_detector_sees_what_would_synchronise():
+    """The detector used below is not blind: a value read, a tensor in ``if`` and boolean-mask indexing
+    (reading and writing) are each recorded, and a read of an allowed host tensor is not."""
+    x, clock = torch.randn(6), torch.tensor(3)
+    with HostReads(allowed=[clock]) as reads:
+        int(clock)
+        assert len(reads.seen) == 0
+        x.max().item()
+        bool(x.sum() > 0)
+        x[x > 0]
+        x[x > 0] = 0.0
+    assert len(reads.seen) == 4, reads.seen
+
+
+@pytest.mark.parametrize("options", [dict(fused=True, capturable=True), dict(fused=True),
+                                     dict(fused=True, density=0.25), dict(foreach=True)],
+                         ids=["fused_capturable", "fused", "fused_sparse", "foreach"])
+def test_step_reads_no_device_value_on_the_host(options):
+    """Runs on the CPU, where CUDA's sync debug mode cannot: twelve steps across resets, mask redraws, the clip
+    delay and a non-finite step make no operation that waits for the device's values (see host_reads.py).
+    The only values read are the step clock and mask seeds that SPAM keeps on the host by design; with
+    ``capturable`` the clock lives on the device and not even it is read."""
+    options = dict(options)
+    params = _params(torch.float32)
+    opt = SPAM(_groups(params, options.pop("density", 1.0)), **{**HYPER, **options})
+    opt.record_statistics = True
+    stream = spiky_gradients([tuple(p.shape) for p in params], 14, seed=1, spike_rate=0.05)
+    stream[9][3][0, 0] = float("nan")
+    set_grads(params, stream[0])
+    opt.step()  # creates the state
+    host_state = [] if options.get("capturable") else [
+        s[key] for s in opt.state.values() for key in ("global_step", "mask_seed") if key in s]
+    for grads in stream[1:]:
+        set_grads(params, grads)
+        with HostReads(allowed=host_state) as reads:
+            opt.step()
+        assert reads.seen == [], reads.seen
+    assert int(opt.state[params[3]]["skipped_steps"]) == 1

@@ -7,7 +7,8 @@ threshold in force, post-reset multiplier) as plain Python values; everything th
 (the non-finite skip flag, the per-parameter bias-correction count) stays a device tensor, so a step never
 waits for the GPU.
 
-For each parameter, with ``g`` a private copy of its gradient (``p.grad`` is never written)::
+For each parameter, with ``g`` a private copy of its gradient (``p.grad`` is never written), divided by
+``grad_scale`` when a ``torch.amp.GradScaler`` scaled the loss::
 
     if reset:            m, v ← 0, 0            (and k ← 0 when bias_correction_reset)
     k ← k + keep
@@ -39,14 +40,24 @@ def _real(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def _gradient_copy(grad: Tensor, mask: Tensor | None, keep: Tensor | None, maximize: bool) -> Tensor:
-    """A private, finite copy of the gradient (kept coordinates only for a sparse parameter)."""
+def _gradient_copy(grad: Tensor, mask: Tensor | None, keep: Tensor | None, maximize: bool, dtype: torch.dtype,
+                   inverse_scale: Tensor | None) -> Tensor:
+    """A private, finite, unscaled copy of the gradient in ``dtype`` (kept coordinates only for a sparse
+    parameter)."""
     g = grad if mask is None else sparse.gather(grad, mask)
     if keep is None:  # no skipping: non-finite coordinates count as zero gradient
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
     else:
         g = torch.where(keep, g, 0.0)
+    g = g.to(dtype)
+    if inverse_scale is not None:
+        g.mul_(inverse_scale.to(g.device, non_blocking=True))
     return g.neg_() if maximize else g
+
+
+def _inverse(grad_scale: Tensor | None) -> Tensor | None:
+    """``1 / grad_scale`` as a 0-dim float32 device tensor, as ``torch.amp.GradScaler.unscale_`` computes it."""
+    return None if grad_scale is None else grad_scale.double().reciprocal().float().reshape(())
 
 
 def _step_sizes(
@@ -82,7 +93,9 @@ def _single_tensor_spam(
     bias_correction_reset: bool,
     maximize: bool,
     clip_counts: list[Tensor] | None,
+    grad_scale: Tensor | None,
 ) -> None:
+    inverse_scale = _inverse(grad_scale)
     for i, (param, grad, exp_avg, exp_avg_sq, step, bits) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, steps, mask_bits)
     ):
@@ -90,7 +103,7 @@ def _single_tensor_spam(
         keep_here = None if keep is None else keep.to(param.device, non_blocking=True)
         keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
         mask = None if bits is None else sparse.unpack_mask(bits, param.numel())
-        g = _gradient_copy(grad, mask, keep_here, maximize).to(exp_avg.dtype)
+        g = _gradient_copy(grad, mask, keep_here, maximize, exp_avg.dtype, inverse_scale)
         full = param.to(exp_avg.dtype)  # half-precision params: update in fp32, round once at the end
         work = full if mask is None else sparse.gather(full, mask)
 
@@ -144,7 +157,9 @@ def _multi_tensor_spam(
     bias_correction_reset: bool,
     maximize: bool,
     clip_counts: list[Tensor] | None,
+    grad_scale: Tensor | None,
 ) -> None:
+    inverse_scale = _inverse(grad_scale)
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     reals = [_real(p) for p in params]
     for i, p in enumerate(reals):
@@ -159,7 +174,8 @@ def _multi_tensor_spam(
         vs = [_real(exp_avg_sqs[i]) for i in index]
         ks = [steps[i] for i in index]
         bools = {i: sparse.unpack_mask(mask_bits[i], reals[i].numel()) for i in index if mask_bits[i] is not None}
-        gs = [_gradient_copy(_real(grads[i]), bools.get(i), keep_here, maximize).to(m.dtype) for i, m in zip(index, ms)]
+        gs = [_gradient_copy(_real(grads[i]), bools.get(i), keep_here, maximize, m.dtype, inverse_scale)
+              for i, m in zip(index, ms)]
         work = [p if i not in bools else sparse.gather(p, bools[i]) for i, p in zip(index, full)]
 
         if reset:
@@ -167,7 +183,7 @@ def _multi_tensor_spam(
             torch._foreach_zero_(vs)
             if bias_correction_reset:
                 torch._foreach_zero_(ks)
-        torch._foreach_add_(ks, keep_float if isinstance(keep_float, Number) else keep_float.float())
+        torch._foreach_add_(ks, keep_float if isinstance(keep_float, Number) else [keep_float.float()] * len(ks))
 
         if threshold > 0:
             bounds = torch._foreach_mul(vs, threshold)
@@ -225,10 +241,12 @@ def _fused_spam(
     bias_correction_reset: bool,
     maximize: bool,
     clip_counts: list[Tensor] | None,
+    grad_scale: Tensor | None,
     density: float,
 ) -> None:
     from .fused import fused_spam
 
+    inverse_scale = _inverse(grad_scale)
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         if p.is_complex():
@@ -240,16 +258,19 @@ def _fused_spam(
         if isinstance(reset, Tensor):  # capturable: decided on the device
             reset_float = reset.to(device, torch.float32)
             if bias_correction_reset:
-                torch._foreach_mul_(ks, 1.0 - reset_float)
+                torch._foreach_mul_(ks, [1.0 - reset_float] * len(ks))
         else:
             reset_float = keep_float * 0 + float(reset)
             if reset and bias_correction_reset:
                 torch._foreach_zero_(ks)
-        torch._foreach_add_(ks, keep_float)
-        # Per-step decisions as device values (no host round trip): keep, decay factor, reset, θ in force.
+        # A list of 0-dim device tensors, not one tensor scalar: some backends read a tensor scalar back.
+        torch._foreach_add_(ks, [keep_float] * len(ks))
+        # Per-step decisions as device values (no host round trip): keep, decay factor, reset, θ in force,
+        # and the gradients' unscaling factor.
         decay = 1.0 - lr * weight_decay * keep_float
         threshold_float = keep_float * 0 + (threshold.to(device) if isinstance(threshold, Tensor) else threshold)
-        scalars = torch.stack([keep_float, decay, reset_float, threshold_float])
+        unscale = keep_float * 0 + (1.0 if inverse_scale is None else inverse_scale.to(device))
+        scalars = torch.stack([keep_float, decay, reset_float, threshold_float, unscale])
         sizes = _step_sizes(ks, lr, beta1, beta2, warmup_multiplier * keep_float.double(), torch.float32)
         counts: list[Tensor | None] | None = None if clip_counts is None else [None] * len(index)
         fused_spam([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
@@ -284,6 +305,7 @@ def spam(
     fused: bool = False,
     density: float = 1.0,
     clip_counts: list[Tensor] | None = None,
+    grad_scale: Tensor | None = None,
 ) -> None:
     """Functional SPAM step over parallel lists (see the module docstring for the math).
 
@@ -302,6 +324,8 @@ def spam(
         density: the group's sparse-momentum density (the fused kernel derives compact indices from it).
         clip_counts: optional list as long as ``params``; when clipping is active, entry ``i`` is set to a
             0-dim tensor counting the coordinates of parameter ``i`` clipped this step.
+        grad_scale: the loss scale of ``torch.amp.GradScaler`` (1-element device tensor): gradients are
+            divided by it inside the step, sparing a separate unscaling pass; ``None``: already unscaled.
     """
     extra = {"density": density} if fused else {}
     impl = _fused_spam if fused else _multi_tensor_spam if foreach else _single_tensor_spam
@@ -324,5 +348,6 @@ def spam(
         bias_correction_reset=bias_correction_reset,
         maximize=maximize,
         clip_counts=clip_counts,
+        grad_scale=grad_scale,
         **extra,
     )

@@ -13,8 +13,9 @@ exactly ``K = round(d·4096)`` coordinates are kept, so the compact index of a k
 ``stratum · K + (its rank among the kept coordinates of its stratum)`` — a prefix sum inside the program:
 no boolean mask, no index array, no full-size temporary.
 
-Nothing here waits for the device: the skip flag, the weight-decay factor, the reset flag and the clip
-threshold in force reach the kernel as a 4-element device tensor, the step sizes as a device vector.
+Nothing here waits for the device: the skip flag, the weight-decay factor, the reset flag, the clip
+threshold in force and the gradients' unscaling factor (``1 / grad_scale`` of ``torch.amp.GradScaler``)
+reach the kernel as a 5-element device tensor, the step sizes as a device vector.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ if triton is not None:
         param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, mask_ptrs,  # int64 address per tensor
         chunk_tensor, chunk_start, numels,  # program → (tensor, first element); elements per tensor
         step_sizes,  # float32 per tensor: −lr · s · keep · sqrt(1 − β2^k) / (1 − β1^k)
-        scalars,  # float32 [keep, 1 − lr·wd·keep, reset, θ in force (0: no clipping)]
+        scalars,  # float32 [keep, 1 − lr·wd·keep, reset, θ in force (0: no clipping), 1 / loss scale]
         clip_counts,  # int32 per tensor, incremented when COUNT_CLIPS
         beta1, beta2, eps, kept_per_stratum,
         PARAM: tl.constexpr, GRAD: tl.constexpr, MOMENT: tl.constexpr,
@@ -99,6 +100,7 @@ if triton is not None:
         decay = tl.load(scalars + 1)
         reset = tl.load(scalars + 2)
         threshold = tl.load(scalars + 3)
+        unscale = tl.load(scalars + 4)
 
         g = tl.load(g_ptr + offsets, mask=lane, other=0.0).to(tl.float32)
         finite = (g == g) & (tl.abs(g) != float("inf"))
@@ -106,6 +108,7 @@ if triton is not None:
             g = tl.where(keep != 0.0, g, 0.0)  # a skipped step (non-finite somewhere) moves nothing
         else:
             g = tl.where(finite, g, 0.0)  # non-finite coordinates count as zero
+        g = g * unscale
         if MAXIMIZE:
             g = -g
         m = tl.load(m_ptr + moment_index, mask=lane, other=0.0).to(tl.float32) * (1.0 - reset)
@@ -193,7 +196,8 @@ def fused_spam(
 ) -> None:
     """One launch per (param dtype, grad dtype, moment dtype, sparse) bucket of real tensors on one device.
 
-    ``step_sizes[i]`` (0-dim float32) and ``scalars`` (float32 ``[keep, decay, reset, θ]``) are device tensors;
+    ``step_sizes[i]`` (0-dim float32) and ``scalars`` (float32 ``[keep, decay, reset, θ, 1/grad_scale]``) are
+    device tensors;
     ``mask_bits[i]`` is the packed mask of a sparse parameter (its moments then compact), or ``None``.
     Non-contiguous tensors are staged through contiguous copies. When ``clip_counts`` is a list, entry ``i``
     becomes a 0-dim int32 count of parameter ``i``'s clipped coordinates.

@@ -136,6 +136,11 @@ class SPAM(Optimizer):
             moment or bias-correction count changes; ``state['skipped_steps']`` counts them), decided on the
             device without a host synchronisation. ``False`` treats non-finite coordinates as zero instead.
 
+    Mixed precision: under ``torch.amp.GradScaler`` every implementation takes the scaler's loss scale and inf
+    flag directly (``_step_supports_amp_scaling``, as torch's fused optimizers do): the gradients are unscaled
+    inside the step (``p.grad`` stays scaled, untouched), and a step the scaler flags is skipped on the device
+    in every group, without the host reading the flag.
+
     State per parameter (all tensors, so ``torch.load(weights_only=True)`` and ``torch.distributed.checkpoint``
     round-trip it): ``step`` (bias-correction count ``k``), ``global_step`` (steps this optimizer completed,
     on the CPU: the reset clock), ``skipped_steps``, ``exp_avg``, ``exp_avg_sq``; sparse parameters also hold
@@ -153,6 +158,9 @@ class SPAM(Optimizer):
     #: the device), ``reset`` (moments were reset), ``warmup_multiplier`` (smallest over groups), ``skipped``
     #: (0-dim bool: the step was skipped for non-finite gradients, or None).
     last_statistics: dict[str, Any] | None = None
+    # torch.amp.GradScaler hands this optimizer its loss scale and inf flag (as the attributes ``grad_scale``
+    # and ``found_inf``) instead of unscaling the gradients and reading the flag on the host.
+    _step_supports_amp_scaling = True
 
     def __init__(
         self,
@@ -228,7 +236,7 @@ class SPAM(Optimizer):
         for state in self.state.values():
             if "global_step" in state:
                 clock = state["global_step"]
-                return clock.clone() if clock.device.type != "cpu" else int(clock)
+                return clock.clone() if self.param_groups[0]["capturable"] else int(clock)
         return 0
 
     def _init_state(self, param: Tensor, group: dict[str, Any], completed: int, ordinal: int) -> None:
@@ -271,7 +279,6 @@ class SPAM(Optimizer):
         """One 0-dim boolean: are all gradients finite? Computed on the device, no host synchronisation."""
         if not grads:
             return None
-        sharded = any(_is_distributed_tensor(g) for g in grads)
         by_device: dict[torch.device, list[Tensor]] = {}
         for g in map(_local, grads):
             # Empty tensors (and empty FSDP shards) hold nothing non-finite; inf-norms of them are undefined.
@@ -283,13 +290,26 @@ class SPAM(Optimizer):
             torch.stack(torch._foreach_norm(gs, float("inf"))).isfinite().all() for gs in by_device.values()
         ]
         home = flags[0].device
-        flag = torch.stack([f.to(home, non_blocking=True) for f in flags]).all()
-        if sharded:
+        return torch.stack([f.to(home, non_blocking=True) for f in flags]).all()
+
+    def _keep(self, batches: list) -> Tensor | None:
+        """This step's 0-dim ``keep`` flag (False: skip it), or None when no group skips.
+
+        Under ``torch.amp.GradScaler`` the scaler has already checked every gradient (``found_inf``) and every
+        group skips a step it flags, as torch's optimizers do; otherwise groups with ``skip_nonfinite`` are
+        checked here.
+        """
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is not None:
+            keep = found_inf.reshape(()) == 0
+        else:
+            keep = self._all_finite([g for group, _, grads, _ in batches if group["skip_nonfinite"] for g in grads])
+        if keep is not None and any(_is_distributed_tensor(g) for _, _, grads, _ in batches for g in grads):
             # Each rank sees only its shard: agree on the decision, or ranks would drift apart.
-            agreed = flag.to(torch.int32)
+            agreed = keep.to(torch.int32)
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
-            flag = agreed.bool()
-        return flag
+            keep = agreed.bool()
+        return keep
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
@@ -321,7 +341,8 @@ class SPAM(Optimizer):
                 masks.append(self.state[param].get("mask_bits"))
             batches.append((group, params, grads, masks))
 
-        keep = self._all_finite([g for group, _, grads, _ in batches if group["skip_nonfinite"] for g in grads])
+        keep = self._keep(batches)
+        scaler_skips = getattr(self, "found_inf", None) is not None
 
         statistics: dict[str, Any] = {"clipped": {}, "reset": False, "warmup_multiplier": 1.0, "skipped": None}
         for group, params, grads, masks in batches:
@@ -355,7 +376,7 @@ class SPAM(Optimizer):
                 [_local(s["exp_avg_sq"]) for s in states],
                 [s["step"] for s in states],
                 masks,
-                keep=keep if group["skip_nonfinite"] else None,
+                keep=keep if group["skip_nonfinite"] or scaler_skips else None,
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -370,6 +391,7 @@ class SPAM(Optimizer):
                 fused=fused,
                 density=group["density"],
                 clip_counts=clip_counts,
+                grad_scale=getattr(self, "grad_scale", None),
             )
             if clip_counts is not None:
                 statistics["clipped"].update((p, c) for p, c in zip(params, clip_counts) if c is not None)
