@@ -5,8 +5,14 @@ reports milliseconds per step, the ratio to torch's fused AdamW (and its foreach
 memory-bandwidth floor: an fp32 Adam-family step reads p, g, m, v and writes p, m, v, 28 bytes per
 parameter, timed against the copy bandwidth measured in the same run. Writes JSON.
 
+SPAM's default ``skip_nonfinite=True`` reads every gradient once more (a device-side check that all are
+finite, 4 bytes per parameter: a 32-byte floor); ``*_noskip`` rows turn it off and are the like-for-like
+comparison with torch's AdamW, which does no such check. ``pytorch_optimizer_spam`` (the packaged SPAM of
+pytorch-optimizer, ``pip install pytorch-optimizer``) is measured when installed. ``--num-warps`` repeats the
+fused rows for each Triton warp count.
+
     python benchmarks/step_speed.py                              # CPU, LLaMA-60M shapes
-    python benchmarks/step_speed.py --device cuda --models 350m 1b
+    python benchmarks/step_speed.py --device cuda --models 350m 1b --num-warps 4 8 16
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import torch
 
 from spamopt import SPAM
 from spamopt.experiments.lm.config import CONFIGS
-from spamopt.optim.fused import fused_available
+from spamopt.optim import fused
 
 FLOOR_BYTES_PER_PARAMETER = 28  # fp32: read p, g, m, v; write p, m, v
 
@@ -39,7 +45,8 @@ def _params(model: str, device: str) -> list[tuple[str, torch.nn.Parameter]]:
     return named
 
 
-def _candidates(named, device: str):
+def _candidates(named, device: str, num_warps: list[int]) -> dict:
+    """Name → optimizer factory, or (factory, Triton warps per program) for the fused rows."""
     params = [p for _, p in named]
     sparse = [p for n, p in named if p.dim() == 2 and any(m in n for m in SPARSE_MODULES)]
     dense = [p for n, p in named if not (p.dim() == 2 and any(m in n for m in SPARSE_MODULES))]
@@ -51,12 +58,22 @@ def _candidates(named, device: str):
         "spam_foreach": lambda: SPAM(params, lr=1e-3, foreach=True, clip_delay=0),
         "spam_sparse25_foreach": lambda: SPAM(sparse_groups, lr=1e-3, foreach=True, clip_delay=0),
     }
-    if device == "cuda" and fused_available(torch.device(device)):
-        candidates["spam_fused"] = lambda: SPAM(params, lr=1e-3, fused=True, clip_delay=0)
-        candidates["spam_sparse25_fused"] = lambda: SPAM(sparse_groups, lr=1e-3, fused=True, clip_delay=0)
+    try:
+        import pytorch_optimizer
+    except ImportError:
+        pass
+    else:  # its clip delay is called grad_accu_steps
+        candidates["pytorch_optimizer_spam"] = lambda: pytorch_optimizer.SPAM(params, lr=1e-3, grad_accu_steps=0)
+    if device == "cuda" and fused.fused_available(torch.device(device)):
         all_matrices = [{"params": [p for p in params if p.dim() == 2], "density": 0.25},
                         {"params": [p for p in params if p.dim() != 2]}]
-        candidates["spam_sparse25_all_fused"] = lambda: SPAM(all_matrices, lr=1e-3, fused=True, clip_delay=0)
+        variants = {"spam_fused": (params, {}), "spam_fused_noskip": (params, {"skip_nonfinite": False}),
+                    "spam_sparse25_fused": (sparse_groups, {}), "spam_sparse25_all_fused": (all_matrices, {})}
+        for warps in num_warps:
+            suffix = "" if len(num_warps) == 1 else f"_w{warps}"
+            for name, (groups, options) in variants.items():
+                candidates[name + suffix] = (lambda g=groups, o=options: SPAM(g, lr=1e-3, fused=True, clip_delay=0,
+                                                                              **o), warps)
     return candidates
 
 
@@ -66,8 +83,8 @@ def _sync(device: str) -> None:
 
 
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
-    return sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
-               if isinstance(t, torch.Tensor))
+    per_parameter = [s for s in opt.state.values() if isinstance(s, dict)]  # pytorch-optimizer keeps counters too
+    return sum(t.numel() * t.element_size() for s in per_parameter for t in s.values() if isinstance(t, torch.Tensor))
 
 
 def copy_bandwidth(device: str, repeats: int = 10) -> float:
@@ -86,14 +103,16 @@ def copy_bandwidth(device: str, repeats: int = 10) -> float:
     return 2 * size / statistics.median(times)
 
 
-def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float) -> dict:
+def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float, num_warps: list[int]) -> dict:
     named = _params(model, device)
     numel = sum(p.numel() for _, p in named)
-    snapshot = [p.detach().clone() for _, p in named]
+    snapshot = [(p.detach().clone(), p.grad.clone()) for _, p in named]  # pytorch-optimizer edits p.grad
     rows = {}
-    for name, make in _candidates(named, device).items():
-        for (_, p), s in zip(named, snapshot):
-            p.data.copy_(s)
+    for name, make in _candidates(named, device, num_warps).items():
+        make, fused.NUM_WARPS = make if isinstance(make, tuple) else (make, fused.NUM_WARPS)
+        for (_, p), (weights, grad) in zip(named, snapshot):
+            p.data.copy_(weights)
+            p.grad.copy_(grad)
         opt = make()
         for _ in range(warmup):
             opt.step()
@@ -126,6 +145,8 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["60m"], choices=sorted(CONFIGS))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--num-warps", type=int, nargs="+", default=[fused.NUM_WARPS],
+                        help="warps per program for the fused rows (CUDA)")
     parser.add_argument("--out", type=Path, default=Path("results/step_speed.json"))
     args = parser.parse_args()
 
@@ -137,14 +158,14 @@ def main() -> None:
     report = {"device": device_name, "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "runs": []}
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     for model in args.models:
-        run = measure(model, args.device, args.repeats, args.warmup, bandwidth)
+        run = measure(model, args.device, args.repeats, args.warmup, bandwidth, args.num_warps)
         report["runs"].append(run)
         print(f"\nLLaMA-{model} shapes, {run['parameters'] / 1e6:.1f}M parameters, {device_name}, "
               f"28-byte floor {run['floor_ms']:.2f} ms")
-        print(f"{'implementation':<24}{'ms/step':>10}{'vs floor':>10}{'vs fused':>10}{'vs foreach':>12}"
+        print(f"{'implementation':<28}{'ms/step':>10}{'vs floor':>10}{'vs fused':>10}{'vs foreach':>12}"
               f"{'state MiB':>11}{'peak extra MiB':>16}")
         for name, row in run["results"].items():
-            print(f"{name:<24}{row['ms_per_step']:>10.2f}{row['vs_floor']:>10.2f}{row['vs_adamw_fused']:>10.2f}"
+            print(f"{name:<28}{row['ms_per_step']:>10.2f}{row['vs_floor']:>10.2f}{row['vs_adamw_fused']:>10.2f}"
                   f"{row['vs_adamw_foreach']:>12.2f}{row['state_bytes'] / 2**20:>11.1f}"
                   f"{row.get('peak_extra_bytes', float('nan')) / 2**20:>16.1f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,9 @@ import pytest
 import torch
 
 from spamopt import SPAM
+from spamopt.optim.schedule import is_mask_redraw_step
 
-from .host_reads import HostReads
+from .probes import Allocations, HostReads
 from .streams import set_grads, spiky_gradients
 
 pytest.importorskip("triton")
@@ -285,7 +286,7 @@ def test_host_read_detector_sees_what_would_synchronise():
                          ids=["fused_capturable", "fused", "fused_sparse", "foreach"])
 def test_step_reads_no_device_value_on_the_host(options):
     """Runs on the CPU, where CUDA's sync debug mode cannot: twelve steps across resets, mask redraws, the clip
-    delay and a non-finite step make no operation that waits for the device's values (see host_reads.py).
+    delay and a non-finite step make no operation that waits for the device's values (see probes.py).
     The only values read are the step clock and mask seeds that SPAM keeps on the host by design; with
     ``capturable`` the clock lives on the device and not even it is read."""
     options = dict(options)
@@ -304,3 +305,31 @@ def test_step_reads_no_device_value_on_the_host(options):
             opt.step()
         assert reads.seen == [], reads.seen
     assert int(opt.state[params[3]]["skipped_steps"]) == 1
+
+
+@pytest.mark.parametrize("options", [dict(fused=True), dict(fused=True, capturable=True),
+                                     dict(fused=True, density=0.25), dict(foreach=True)],
+                         ids=["fused", "fused_capturable", "fused_sparse", "foreach"])
+def test_fused_step_creates_no_parameter_sized_tensor(options):
+    """No peak memory beyond the optimizer state: in the steps after the first that draw no new masks (a
+    reset among them), on three 120,000-element matrices, the largest tensor the fused step creates holds a
+    few scalars per parameter (step sizes, address and chunk tables), not a temporary the size of a
+    parameter. The foreach row shows the probe sees such temporaries where they exist."""
+    options = dict(options)
+    params = [torch.nn.Parameter(torch.randn(300, 400, device=DEVICE)) for _ in range(3)]
+    params.append(torch.nn.Parameter(torch.randn(1000, device=DEVICE)))
+    opt = SPAM([{"params": params[:3], "density": options.pop("density", 1.0)}, {"params": params[3:]}],
+               **{**HYPER, "reset_interval": 3, **options})
+    largest = 0
+    for step in range(1, 7):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        with Allocations() as allocations:
+            opt.step()
+        # The first step creates the state; a mask redraw (once a period) draws in bounded blocks (sparse.py).
+        if step > 1 and not is_mask_redraw_step(step, 3):
+            largest = max(largest, *(size for size, _ in allocations.created))
+    if options.get("fused"):
+        assert largest <= 64 * len(params), largest
+    else:
+        assert largest >= params[0].numel() * 4

@@ -8,7 +8,7 @@ import torch
 
 from spamopt import SPAM
 
-from .host_reads import HostReads
+from .probes import HostReads
 
 IMPLEMENTATIONS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
 SMALL = dict(lr=1e-2, reset_interval=4, warmup_steps=2, clip_delay=1, threshold=5.0)
@@ -80,7 +80,7 @@ def test_scaled_run_matches_torch_adamw_under_the_same_scaler():
 
 @pytest.mark.parametrize("capturable", [False, True])
 def test_scaler_step_and_update_read_nothing_on_the_host(capturable):
-    """``scaler.step(SPAM)`` plus ``scaler.update()`` make no host-waiting operation (host_reads.py), including
+    """``scaler.step(SPAM)`` plus ``scaler.update()`` make no host-waiting operation (probes.py), including
     the overflow step. Torch's AdamW without a fused kernel, under the same scaler, reads the inf flag on the
     host — the synchronisation that SPAM's ``_step_supports_amp_scaling`` avoids, and proof the check sees it."""
 
