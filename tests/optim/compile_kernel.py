@@ -1,12 +1,16 @@
-"""Build SPAM's fused kernel for an H100 (sm_90) with Triton's compiler and ptxas, no GPU needed, and print
-cuobjdump's resource usage. Run in a process without TRITON_INTERPRET (the kernel must be a JIT function):
+"""Build SPAM's fused kernel for an H100 (sm_90) with Triton's compiler and ptxas, no GPU needed, and print as
+JSON cuobjdump's resource usage and the count of each global load/store instruction in the PTX (per thread).
+Run in a process without TRITON_INTERPRET (the kernel must be a JIT function):
 
-    python tests/optim/compile_kernel.py float32 dense
+    python tests/optim/compile_kernel.py float32 dense aligned
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -23,11 +27,11 @@ KINDS = {**dict.fromkeys(POINTERS, "*i64"), "chunk_tensor": "*i32", "clip_counts
          "scalars": "*fp32", "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "kept_per_stratum": "i32"}
 
 
-def main(dtype_name: str, layout: str) -> None:
+def main(dtype_name: str, layout: str, alignment: str) -> None:
     element = fused._TL_DTYPES[getattr(torch, dtype_name)]
     constants = {"PARAM": element, "GRAD": element, "MOMENT": fused._TL_DTYPES[torch.float32],
                  "SPARSE": layout == "sparse", "SKIP": True, "MAXIMIZE": False, "COUNT_CLIPS": True,
-                 "BLOCK": fused.CHUNK}
+                 "ALIGNED": alignment == "aligned", "BLOCK": fused.CHUNK}
     kernel = fused._spam_kernel
     names = kernel.arg_names
     source = ASTSource(kernel, {n: KINDS.get(n, "constexpr") for n in names},
@@ -39,7 +43,9 @@ def main(dtype_name: str, layout: str) -> None:
         cubin.flush()
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin.name], capture_output=True,
                                text=True, check=True).stdout
-    print(next(line.strip() for line in usage.splitlines() if "REG:" in line))
+    accesses = collections.Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*)", compiled.asm["ptx"]))
+    print(json.dumps({"usage": next(line.strip() for line in usage.splitlines() if "REG:" in line),
+                      "accesses": accesses, "threads": 32 * fused.NUM_WARPS, "block": fused.CHUNK}))
 
 
 if __name__ == "__main__":
