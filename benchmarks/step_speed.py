@@ -46,24 +46,25 @@ def _params(model: str, device: str) -> list[tuple[str, torch.nn.Parameter]]:
 
 
 def _candidates(named, device: str, num_warps: list[int]) -> dict:
-    """Name → optimizer factory, or (factory, Triton warps per program) for the fused rows."""
+    """Name → (optimizer factory, Triton warps per program for the fused rows, else None)."""
     params = [p for _, p in named]
     sparse = [p for n, p in named if p.dim() == 2 and any(m in n for m in SPARSE_MODULES)]
     dense = [p for n, p in named if not (p.dim() == 2 and any(m in n for m in SPARSE_MODULES))]
     sparse_groups = [{"params": sparse, "density": 0.25}, {"params": dense}]
     candidates = {
-        "adamw_foreach": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True),
-        "adamw_fused": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True),
-        "spam_forloop": lambda: SPAM(params, lr=1e-3, foreach=False, clip_delay=0),
-        "spam_foreach": lambda: SPAM(params, lr=1e-3, foreach=True, clip_delay=0),
-        "spam_sparse25_foreach": lambda: SPAM(sparse_groups, lr=1e-3, foreach=True, clip_delay=0),
+        "adamw_foreach": (lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True), None),
+        "adamw_fused": (lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True), None),
+        "spam_forloop": (lambda: SPAM(params, lr=1e-3, foreach=False, clip_delay=0), None),
+        "spam_foreach": (lambda: SPAM(params, lr=1e-3, foreach=True, clip_delay=0), None),
+        "spam_sparse25_foreach": (lambda: SPAM(sparse_groups, lr=1e-3, foreach=True, clip_delay=0), None),
     }
     try:
         import pytorch_optimizer
     except ImportError:
         pass
     else:  # its clip delay is called grad_accu_steps
-        candidates["pytorch_optimizer_spam"] = lambda: pytorch_optimizer.SPAM(params, lr=1e-3, grad_accu_steps=0)
+        candidates["pytorch_optimizer_spam"] = (
+            lambda: pytorch_optimizer.SPAM(params, lr=1e-3, grad_accu_steps=0), None)
     if device == "cuda" and fused.fused_available(torch.device(device)):
         all_matrices = [{"params": [p for p in params if p.dim() == 2], "density": 0.25},
                         {"params": [p for p in params if p.dim() != 2]}]
@@ -108,8 +109,9 @@ def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float
     numel = sum(p.numel() for _, p in named)
     snapshot = [(p.detach().clone(), p.grad.clone()) for _, p in named]  # pytorch-optimizer edits p.grad
     rows = {}
-    for name, make in _candidates(named, device, num_warps).items():
-        make, fused.NUM_WARPS = make if isinstance(make, tuple) else (make, fused.NUM_WARPS)
+    for name, (make, warps) in _candidates(named, device, num_warps).items():
+        if warps is not None:
+            fused.NUM_WARPS = warps  # read at every fused launch
         for (_, p), (weights, grad) in zip(named, snapshot):
             p.data.copy_(weights)
             p.grad.copy_(grad)

@@ -37,9 +37,8 @@ class HostReads(TorchDispatchMode):
         first = args[0] if args else None
         boolean_index = func in INDEXING and any(
             i is not None and i.dtype == torch.bool for i in args[1])
-        if func in VALUE_READS and isinstance(first, torch.Tensor) and first.data_ptr() in self.allowed:
-            pass
-        elif func in VALUE_READS or func in DATA_DEPENDENT_SHAPES or boolean_index:
+        allowed = func in VALUE_READS and isinstance(first, torch.Tensor) and first.data_ptr() in self.allowed
+        if not allowed and (func in VALUE_READS or func in DATA_DEPENDENT_SHAPES or boolean_index):
             self.seen.append((str(func), tuple(first.shape) if isinstance(first, torch.Tensor) else ()))
         return func(*args, **(kwargs or {}))
 

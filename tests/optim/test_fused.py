@@ -5,6 +5,10 @@ Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py), on smal
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,7 +20,7 @@ from spamopt.optim.schedule import is_mask_redraw_step
 from .probes import Allocations, HostReads
 from .streams import set_grads, spiky_gradients
 
-pytest.importorskip("triton")
+triton = pytest.importorskip("triton")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HYPER = dict(lr=1e-2, weight_decay=0.1, reset_interval=5, warmup_steps=2, clip_delay=1, threshold=4.0)
 
@@ -265,12 +269,6 @@ def test_step_captured_in_a_cuda_graph_replays_like_eager_steps():
 
 def _hopper_build(*variant: str) -> dict:
     """Build one kernel variant for an H100 in a subprocess (see compile_kernel.py) and return its report."""
-    import json
-    import os
-    import subprocess
-    import sys
-
-    triton = pytest.importorskip("triton")
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():
         pytest.skip("this Triton build has no NVIDIA backend tools")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}

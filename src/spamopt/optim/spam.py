@@ -292,14 +292,13 @@ class SPAM(Optimizer):
         home = flags[0].device
         return torch.stack([f.to(home, non_blocking=True) for f in flags]).all()
 
-    def _keep(self, batches: list) -> Tensor | None:
+    def _keep(self, batches: list, found_inf: Tensor | None) -> Tensor | None:
         """This step's 0-dim ``keep`` flag (False: skip it), or None when no group skips.
 
         Under ``torch.amp.GradScaler`` the scaler has already checked every gradient (``found_inf``) and every
         group skips a step it flags, as torch's optimizers do; otherwise groups with ``skip_nonfinite`` are
         checked here.
         """
-        found_inf = getattr(self, "found_inf", None)
         if found_inf is not None:
             keep = found_inf.reshape(()) == 0
         else:
@@ -341,8 +340,9 @@ class SPAM(Optimizer):
                 masks.append(self.state[param].get("mask_bits"))
             batches.append((group, params, grads, masks))
 
-        keep = self._keep(batches)
-        scaler_skips = getattr(self, "found_inf", None) is not None
+        # Set by torch.amp.GradScaler.step for the duration of this call (see _step_supports_amp_scaling).
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
+        keep = self._keep(batches, found_inf)
 
         statistics: dict[str, Any] = {"clipped": {}, "reset": False, "warmup_multiplier": 1.0, "skipped": None}
         for group, params, grads, masks in batches:
@@ -376,7 +376,7 @@ class SPAM(Optimizer):
                 [_local(s["exp_avg_sq"]) for s in states],
                 [s["step"] for s in states],
                 masks,
-                keep=keep if group["skip_nonfinite"] or scaler_skips else None,
+                keep=keep if group["skip_nonfinite"] or found_inf is not None else None,
                 lr=group["lr"],
                 beta1=beta1,
                 beta2=beta2,
@@ -391,7 +391,7 @@ class SPAM(Optimizer):
                 fused=fused,
                 density=group["density"],
                 clip_counts=clip_counts,
-                grad_scale=getattr(self, "grad_scale", None),
+                grad_scale=grad_scale,
             )
             if clip_counts is not None:
                 statistics["clipped"].update((p, c) for p, c in zip(params, clip_counts) if c is not None)
