@@ -16,12 +16,12 @@ from pathlib import Path
 import torch
 
 from spamopt import SPAM
-from spamopt.experiments.lm.config import CONFIGS
+from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
 
 
 def _variants(name: str, shape: tuple[int, ...]) -> dict[str, float]:
     matrix = len(shape) == 2
-    block = matrix and (".attn." in name or ".mlp." in name)
+    block = is_block_matrix(name, shape)
     return {"dense": 1.0, "sparse25_blocks": 0.25 if block else 1.0, "sparse25_all_matrices": 0.25 if matrix else 1.0}
 
 

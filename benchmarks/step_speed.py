@@ -27,12 +27,10 @@ from pathlib import Path
 import torch
 
 from spamopt import SPAM
-from spamopt.experiments.lm.config import CONFIGS
+from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
 from spamopt.optim import fused
 
 FLOOR_BYTES_PER_PARAMETER = 28  # fp32: read p, g, m, v; write p, m, v
-
-SPARSE_MODULES = ("attn.", "mlp.")  # the reference puts attention and MLP matrices in the density group
 
 
 def _params(model: str, device: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -45,26 +43,32 @@ def _params(model: str, device: str) -> list[tuple[str, torch.nn.Parameter]]:
     return named
 
 
+def _fused_spam(groups, options: dict, warps: int) -> SPAM:
+    opt = SPAM(groups, lr=1e-3, fused=True, clip_delay=0, **options)
+    opt.fused_num_warps = warps
+    return opt
+
+
 def _candidates(named, device: str, num_warps: list[int]) -> dict:
-    """Name → (optimizer factory, Triton warps per program for the fused rows, else None)."""
+    """Name → optimizer factory (the fused rows once per warp count)."""
     params = [p for _, p in named]
-    sparse = [p for n, p in named if p.dim() == 2 and any(m in n for m in SPARSE_MODULES)]
-    dense = [p for n, p in named if not (p.dim() == 2 and any(m in n for m in SPARSE_MODULES))]
+    # the reference puts attention and MLP matrices in the density group
+    sparse = [p for n, p in named if is_block_matrix(n, p.shape)]
+    dense = [p for n, p in named if not is_block_matrix(n, p.shape)]
     sparse_groups = [{"params": sparse, "density": 0.25}, {"params": dense}]
     candidates = {
-        "adamw_foreach": (lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True), None),
-        "adamw_fused": (lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True), None),
-        "spam_forloop": (lambda: SPAM(params, lr=1e-3, foreach=False, clip_delay=0), None),
-        "spam_foreach": (lambda: SPAM(params, lr=1e-3, foreach=True, clip_delay=0), None),
-        "spam_sparse25_foreach": (lambda: SPAM(sparse_groups, lr=1e-3, foreach=True, clip_delay=0), None),
+        "adamw_foreach": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True),
+        "adamw_fused": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True),
+        "spam_forloop": lambda: SPAM(params, lr=1e-3, foreach=False, clip_delay=0),
+        "spam_foreach": lambda: SPAM(params, lr=1e-3, foreach=True, clip_delay=0),
+        "spam_sparse25_foreach": lambda: SPAM(sparse_groups, lr=1e-3, foreach=True, clip_delay=0),
     }
     try:
         import pytorch_optimizer
     except ImportError:
         pass
     else:  # its clip delay is called grad_accu_steps
-        candidates["pytorch_optimizer_spam"] = (
-            lambda: pytorch_optimizer.SPAM(params, lr=1e-3, grad_accu_steps=0), None)
+        candidates["pytorch_optimizer_spam"] = lambda: pytorch_optimizer.SPAM(params, lr=1e-3, grad_accu_steps=0)
     if device == "cuda" and fused.fused_available(torch.device(device)):
         all_matrices = [{"params": [p for p in params if p.dim() == 2], "density": 0.25},
                         {"params": [p for p in params if p.dim() != 2]}]
@@ -73,8 +77,7 @@ def _candidates(named, device: str, num_warps: list[int]) -> dict:
         for warps in num_warps:
             suffix = "" if len(num_warps) == 1 else f"_w{warps}"
             for name, (groups, options) in variants.items():
-                candidates[name + suffix] = (lambda g=groups, o=options: SPAM(g, lr=1e-3, fused=True, clip_delay=0,
-                                                                              **o), warps)
+                candidates[name + suffix] = lambda g=groups, o=options, w=warps: _fused_spam(g, o, w)
     return candidates
 
 
@@ -109,9 +112,7 @@ def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float
     numel = sum(p.numel() for _, p in named)
     snapshot = [(p.detach().clone(), p.grad.clone()) for _, p in named]  # pytorch-optimizer edits p.grad
     rows = {}
-    for name, (make, warps) in _candidates(named, device, num_warps).items():
-        if warps is not None:
-            fused.NUM_WARPS = warps  # read at every fused launch
+    for name, make in _candidates(named, device, num_warps).items():
         for (_, p), (weights, grad) in zip(named, snapshot):
             p.data.copy_(weights)
             p.grad.copy_(grad)

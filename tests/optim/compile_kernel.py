@@ -23,8 +23,10 @@ from triton.compiler import ASTSource
 from spamopt.optim import fused
 
 POINTERS = ("param_ptrs", "grad_ptrs", "exp_avg_ptrs", "exp_avg_sq_ptrs", "mask_ptrs", "chunk_start", "numels")
-KINDS = {**dict.fromkeys(POINTERS, "*i64"), "chunk_tensor": "*i32", "clip_counts": "*i32", "step_sizes": "*fp32",
-         "scalars": "*fp32", "beta1": "fp32", "beta2": "fp32", "eps": "fp32", "kept_per_stratum": "i32"}
+STEP_VALUES = ("keep_ptr", "decay_ptr", "reset_ptr", "threshold_ptr", "unscale_ptr")
+KINDS = {**dict.fromkeys(POINTERS, "*i64"), **dict.fromkeys(STEP_VALUES, "*fp32"), "chunk_tensor": "*i32",
+         "clip_counts": "*i32", "step_sizes": "*fp32", "beta1": "fp32", "beta2": "fp32", "eps": "fp32",
+         "kept_per_stratum": "i32"}
 
 
 def main(dtype_name: str, layout: str, alignment: str) -> None:

@@ -26,6 +26,7 @@ update runs on the gathered kept coordinates and is scattered back.
 from __future__ import annotations
 
 from collections import defaultdict
+from dataclasses import dataclass
 from numbers import Number
 
 import torch
@@ -33,7 +34,29 @@ from torch import Tensor
 
 from . import sparse
 
-__all__ = ["spam"]
+__all__ = ["SpamStep", "spam"]
+
+
+@dataclass(frozen=True)
+class SpamStep:
+    """One parameter group's hyperparameters and this step's clock decisions, as every implementation takes them.
+
+    ``threshold`` is the θ in force for this step (0: no clipping this step), ``reset`` whether the moments are
+    zeroed first, ``warmup_multiplier`` the post-reset multiplier ``s``. The fused implementation also takes
+    these three as device tensors (the CUDA-graph path decides them on the device).
+    """
+
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    threshold: float | Tensor
+    reset: bool | Tensor
+    warmup_multiplier: float | Tensor
+    bias_correction_reset: bool
+    maximize: bool
+    density: float = 1.0
 
 
 def _real(t: Tensor) -> Tensor:
@@ -60,17 +83,15 @@ def _inverse(grad_scale: Tensor | None) -> Tensor | None:
     return None if grad_scale is None else grad_scale.double().reciprocal().float().reshape(())
 
 
-def _step_sizes(
-    steps: list[Tensor], lr: float | Tensor, beta1: float, beta2: float, scale: float | Tensor, dtype: torch.dtype
-) -> Tensor:
+def _step_sizes(steps: list[Tensor], h: SpamStep, scale: float | Tensor, dtype: torch.dtype) -> Tensor:
     """``−lr · scale · sqrt(1 − β2^k) / (1 − β1^k)`` per parameter, computed in float64 on the device.
 
     ``k`` is clamped to 1 so that a parameter whose first step is skipped (``scale = 0``) gets 0, not 0/0.
     """
     k = torch.stack(steps).to(torch.float64).clamp_(min=1.0)
-    bias_correction1 = 1.0 - torch.pow(beta1, k)
-    bias_correction2 = 1.0 - torch.pow(beta2, k)
-    return (bias_correction2.sqrt_() / bias_correction1).mul_(-lr * scale).to(dtype)
+    bias_correction1 = 1.0 - torch.pow(h.beta1, k)
+    bias_correction2 = 1.0 - torch.pow(h.beta2, k)
+    return (bias_correction2.sqrt_() / bias_correction1).mul_(-h.lr * scale).to(dtype)
 
 
 def _single_tensor_spam(
@@ -80,19 +101,10 @@ def _single_tensor_spam(
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     mask_bits: list[Tensor | None],
+    h: SpamStep,
     *,
     keep: Tensor | None,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    threshold: float,
-    reset: bool,
-    warmup_multiplier: float,
-    bias_correction_reset: bool,
-    maximize: bool,
-    clip_counts: list[Tensor] | None,
+    clip_counts: list[Tensor | None] | None,
     grad_scale: Tensor | None,
 ) -> None:
     inverse_scale = _inverse(grad_scale)
@@ -103,36 +115,36 @@ def _single_tensor_spam(
         keep_here = None if keep is None else keep.to(param.device, non_blocking=True)
         keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
         mask = None if bits is None else sparse.unpack_mask(bits, param.numel())
-        g = _gradient_copy(grad, mask, keep_here, maximize, exp_avg.dtype, inverse_scale)
+        g = _gradient_copy(grad, mask, keep_here, h.maximize, exp_avg.dtype, inverse_scale)
         full = param.to(exp_avg.dtype)  # half-precision params: update in fp32, round once at the end
         work = full if mask is None else sparse.gather(full, mask)
 
-        if reset:
+        if h.reset:
             exp_avg.zero_()
             exp_avg_sq.zero_()
-            if bias_correction_reset:
+            if h.bias_correction_reset:
                 step.zero_()
         step.add_(keep_float)
 
-        if threshold > 0:
-            bound = exp_avg_sq.mul(threshold).sqrt_()
+        if h.threshold > 0:
+            bound = exp_avg_sq.mul(h.threshold).sqrt_()
             if clip_counts is not None:
                 clip_counts[i] = torch.count_nonzero(g.abs() > bound)
             torch.minimum(g, bound, out=g)
             torch.maximum(g, bound.neg_(), out=g)
             del bound
 
-        exp_avg.mul_(1.0 - (1.0 - beta1) * keep_float).add_(g, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(1.0 - (1.0 - beta2) * keep_float).addcmul_(g, g, value=1.0 - beta2)
+        exp_avg.mul_(1.0 - (1.0 - h.beta1) * keep_float).add_(g, alpha=1.0 - h.beta1)
+        exp_avg_sq.mul_(1.0 - (1.0 - h.beta2) * keep_float).addcmul_(g, g, value=1.0 - h.beta2)
         del g
 
-        step_size = _step_sizes([step], lr, beta1, beta2, warmup_multiplier * keep_float, exp_avg.dtype)[0]
-        update = exp_avg_sq.sqrt().add_(eps).reciprocal_().mul_(step_size)
+        step_size = _step_sizes([step], h, h.warmup_multiplier * keep_float, exp_avg.dtype)[0]
+        update = exp_avg_sq.sqrt().add_(h.eps).reciprocal_().mul_(step_size)
         work.addcmul_(exp_avg, update)
         if mask is not None:
             sparse.scatter_(full, mask, work)
-        if weight_decay != 0:
-            full.mul_(1.0 - lr * weight_decay * keep_float)
+        if h.weight_decay != 0:
+            full.mul_(1.0 - h.lr * h.weight_decay * keep_float)
         if full is not param:
             param.copy_(full)
 
@@ -144,19 +156,10 @@ def _multi_tensor_spam(
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     mask_bits: list[Tensor | None],
+    h: SpamStep,
     *,
     keep: Tensor | None,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    threshold: float,
-    reset: bool,
-    warmup_multiplier: float,
-    bias_correction_reset: bool,
-    maximize: bool,
-    clip_counts: list[Tensor] | None,
+    clip_counts: list[Tensor | None] | None,
     grad_scale: Tensor | None,
 ) -> None:
     inverse_scale = _inverse(grad_scale)
@@ -174,19 +177,19 @@ def _multi_tensor_spam(
         vs = [_real(exp_avg_sqs[i]) for i in index]
         ks = [steps[i] for i in index]
         bools = {i: sparse.unpack_mask(mask_bits[i], reals[i].numel()) for i in index if mask_bits[i] is not None}
-        gs = [_gradient_copy(_real(grads[i]), bools.get(i), keep_here, maximize, m.dtype, inverse_scale)
+        gs = [_gradient_copy(_real(grads[i]), bools.get(i), keep_here, h.maximize, m.dtype, inverse_scale)
               for i, m in zip(index, ms)]
         work = [p if i not in bools else sparse.gather(p, bools[i]) for i, p in zip(index, full)]
 
-        if reset:
+        if h.reset:
             torch._foreach_zero_(ms)
             torch._foreach_zero_(vs)
-            if bias_correction_reset:
+            if h.bias_correction_reset:
                 torch._foreach_zero_(ks)
         torch._foreach_add_(ks, keep_float if isinstance(keep_float, Number) else [keep_float.float()] * len(ks))
 
-        if threshold > 0:
-            bounds = torch._foreach_mul(vs, threshold)
+        if h.threshold > 0:
+            bounds = torch._foreach_mul(vs, h.threshold)
             torch._foreach_sqrt_(bounds)
             if clip_counts is not None:
                 for i, g, b in zip(index, gs, bounds):
@@ -196,16 +199,16 @@ def _multi_tensor_spam(
             torch._foreach_maximum_(gs, bounds)
             del bounds
 
-        torch._foreach_mul_(ms, 1.0 - (1.0 - beta1) * keep_float)
-        torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
-        torch._foreach_mul_(vs, 1.0 - (1.0 - beta2) * keep_float)
-        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - beta2)
+        torch._foreach_mul_(ms, 1.0 - (1.0 - h.beta1) * keep_float)
+        torch._foreach_add_(ms, gs, alpha=1.0 - h.beta1)
+        torch._foreach_mul_(vs, 1.0 - (1.0 - h.beta2) * keep_float)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - h.beta2)
         del gs
 
         updates = torch._foreach_sqrt(vs)
-        torch._foreach_add_(updates, eps)
+        torch._foreach_add_(updates, h.eps)
         torch._foreach_reciprocal_(updates)
-        step_sizes = _step_sizes(ks, lr, beta1, beta2, warmup_multiplier * keep_float, ms[0].dtype)
+        step_sizes = _step_sizes(ks, h, h.warmup_multiplier * keep_float, ms[0].dtype)
         torch._foreach_mul_(updates, step_sizes.unbind(0))
         torch._foreach_addcmul_(work, ms, updates)
         del updates
@@ -213,8 +216,8 @@ def _multi_tensor_spam(
         for i, p, w in zip(index, full, work):
             if i in bools:
                 sparse.scatter_(p, bools[i], w)
-        if weight_decay != 0:
-            decay = 1.0 - lr * weight_decay * keep_float
+        if h.weight_decay != 0:
+            decay = 1.0 - h.lr * h.weight_decay * keep_float
             torch._foreach_mul_(full, decay if isinstance(decay, Number) else decay.to(ms[0].dtype))
         for p, f in zip(originals, full):
             if f is not p:
@@ -228,23 +231,14 @@ def _fused_spam(
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     mask_bits: list[Tensor | None],
+    h: SpamStep,
     *,
     keep: Tensor | None,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    threshold: float | Tensor,
-    reset: bool | Tensor,
-    warmup_multiplier: float | Tensor,
-    bias_correction_reset: bool,
-    maximize: bool,
-    clip_counts: list[Tensor] | None,
+    clip_counts: list[Tensor | None] | None,
     grad_scale: Tensor | None,
-    density: float,
+    num_warps: int | None = None,
 ) -> None:
-    from .fused import fused_spam
+    from . import fused
 
     inverse_scale = _inverse(grad_scale)
     by_device: dict[torch.device, list[int]] = defaultdict(list)
@@ -255,29 +249,32 @@ def _fused_spam(
     for device, index in by_device.items():
         ks = [steps[i] for i in index]
         keep_float = torch.ones((), device=device) if keep is None else keep.to(device, torch.float32)
-        if isinstance(reset, Tensor):  # capturable: decided on the device
-            reset_float = reset.to(device, torch.float32)
-            if bias_correction_reset:
+        if isinstance(h.reset, Tensor):  # capturable: decided on the device
+            reset_float = h.reset.to(device, torch.float32)
+            if h.bias_correction_reset:
                 torch._foreach_mul_(ks, [1.0 - reset_float] * len(ks))
         else:
-            reset_float = keep_float * 0 + float(reset)
-            if reset and bias_correction_reset:
+            reset_float = keep_float * 0 + float(h.reset)
+            if h.reset and h.bias_correction_reset:
                 torch._foreach_zero_(ks)
         # A list of 0-dim device tensors, not one tensor scalar: some backends read a tensor scalar back.
         torch._foreach_add_(ks, [keep_float] * len(ks))
-        # Per-step decisions as device values (no host round trip): keep, decay factor, reset, θ in force,
-        # and the gradients' unscaling factor.
-        decay = 1.0 - lr * weight_decay * keep_float
-        threshold_float = keep_float * 0 + (threshold.to(device) if isinstance(threshold, Tensor) else threshold)
-        unscale = keep_float * 0 + (1.0 if inverse_scale is None else inverse_scale.to(device))
-        scalars = torch.stack([keep_float, decay, reset_float, threshold_float, unscale])
-        sizes = _step_sizes(ks, lr, beta1, beta2, warmup_multiplier * keep_float.double(), torch.float32)
+        # Per-step decisions as device values (no host round trip), each passed to the kernel by name.
+        threshold = h.threshold.to(device) if isinstance(h.threshold, Tensor) else h.threshold
+        values = fused.StepValues(
+            keep=keep_float,
+            decay=1.0 - h.lr * h.weight_decay * keep_float,
+            reset=reset_float,
+            threshold=keep_float * 0 + threshold,
+            unscale=keep_float * 0 + (1.0 if inverse_scale is None else inverse_scale.to(device)),
+        )
+        sizes = _step_sizes(ks, h, h.warmup_multiplier * keep_float.double(), torch.float32)
         counts: list[Tensor | None] | None = None if clip_counts is None else [None] * len(index)
-        fused_spam([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
-                   [exp_avg_sqs[i] for i in index], list(sizes.unbind(0)), scalars.float(),
-                   [mask_bits[i] for i in index], beta1=beta1, beta2=beta2, eps=eps, density=density,
-                   skip=keep is not None, maximize=maximize, clip_counts=counts)
-        if clip_counts is not None and (isinstance(threshold, Tensor) or threshold > 0):
+        fused.fused_spam([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
+                         [exp_avg_sqs[i] for i in index], list(sizes.unbind(0)), values,
+                         [mask_bits[i] for i in index], beta1=h.beta1, beta2=h.beta2, eps=h.eps, density=h.density,
+                         skip=keep is not None, maximize=h.maximize, clip_counts=counts, num_warps=num_warps)
+        if clip_counts is not None and (isinstance(h.threshold, Tensor) or h.threshold > 0):
             for k, i in enumerate(index):
                 clip_counts[i] = counts[k]
 
@@ -289,23 +286,13 @@ def spam(
     exp_avg_sqs: list[Tensor],
     steps: list[Tensor],
     mask_bits: list[Tensor | None],
+    h: SpamStep,
     *,
     keep: Tensor | None,
-    lr: float | Tensor,
-    beta1: float,
-    beta2: float,
-    eps: float,
-    weight_decay: float,
-    threshold: float,
-    reset: bool,
-    warmup_multiplier: float,
-    bias_correction_reset: bool,
-    maximize: bool,
-    foreach: bool,
-    fused: bool = False,
-    density: float = 1.0,
-    clip_counts: list[Tensor] | None = None,
+    implementation: str = "forloop",
+    clip_counts: list[Tensor | None] | None = None,
     grad_scale: Tensor | None = None,
+    num_warps: int | None = None,
 ) -> None:
     """Functional SPAM step over parallel lists (see the module docstring for the math).
 
@@ -314,40 +301,23 @@ def spam(
             sparse parameter the moments are the compact buffers of its kept coordinates.
         steps: per-parameter bias-correction counts ``k`` (0-dim float32 tensors, updated in place).
         mask_bits: per parameter, ``None`` (dense) or its packed bitmask of kept coordinates (:mod:`.sparse`).
+        h: the group's hyperparameters and this step's decisions.
         keep: 0-dim boolean tensor, ``False`` to skip this step; ``None`` zeroes non-finite coordinates.
-        threshold: the spike threshold θ in force for this step (0: no clipping this step).
-        reset: zero the moments before the update.
-        warmup_multiplier: the post-reset multiplier ``s`` for this step.
-            (The fused path also takes these three as device tensors, for CUDA-graph capture.)
-        foreach, fused: the implementation: the fused Triton kernel (:mod:`.fused`), the multi-tensor path,
-            or (both False) the for-loop reference.
-        density: the group's sparse-momentum density (the fused kernel derives compact indices from it).
+        implementation: ``"fused"`` (the Triton kernel, :mod:`.fused`), ``"foreach"`` (multi-tensor) or
+            ``"forloop"`` (the reference).
         clip_counts: optional list as long as ``params``; when clipping is active, entry ``i`` is set to a
             0-dim tensor counting the coordinates of parameter ``i`` clipped this step.
         grad_scale: the loss scale of ``torch.amp.GradScaler`` (1-element device tensor): gradients are
             divided by it inside the step, sparing a separate unscaling pass; ``None``: already unscaled.
+        num_warps: the fused kernel's warps per program (``None``: its default); ignored by the others.
     """
-    extra = {"density": density} if fused else {}
-    impl = _fused_spam if fused else _multi_tensor_spam if foreach else _single_tensor_spam
-    impl(
-        params,
-        grads,
-        exp_avgs,
-        exp_avg_sqs,
-        steps,
-        mask_bits,
-        keep=keep,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        eps=eps,
-        weight_decay=weight_decay,
-        threshold=threshold,
-        reset=reset,
-        warmup_multiplier=warmup_multiplier,
-        bias_correction_reset=bias_correction_reset,
-        maximize=maximize,
-        clip_counts=clip_counts,
-        grad_scale=grad_scale,
-        **extra,
-    )
+    arrays = (params, grads, exp_avgs, exp_avg_sqs, steps, mask_bits)
+    options = dict(keep=keep, clip_counts=clip_counts, grad_scale=grad_scale)
+    if implementation == "fused":
+        _fused_spam(*arrays, h, **options, num_warps=num_warps)
+    elif implementation == "foreach":
+        _multi_tensor_spam(*arrays, h, **options)
+    elif implementation == "forloop":
+        _single_tensor_spam(*arrays, h, **options)
+    else:
+        raise ValueError(f"Invalid implementation value: {implementation!r} (one of 'fused', 'foreach', 'forloop')")

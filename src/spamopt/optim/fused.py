@@ -17,27 +17,29 @@ exactly ``K = round(d·4096)`` coordinates are kept, so the compact index of a k
 ``stratum · K + (its rank among the kept coordinates of its stratum)`` — a prefix sum inside the program:
 no boolean mask, no index array, no full-size temporary.
 
-Nothing here waits for the device: the skip flag, the weight-decay factor, the reset flag, the clip
-threshold in force and the gradients' unscaling factor (``1 / grad_scale`` of ``torch.amp.GradScaler``)
-reach the kernel as a 5-element device tensor, the step sizes as a device vector.
+Nothing here waits for the device: this step's values (:class:`StepValues`: the skip flag, the
+weight-decay factor, the reset flag, the clip threshold in force and the gradients' unscaling factor
+``1 / grad_scale`` of ``torch.amp.GradScaler``) reach the kernel as 0-dim device tensors, each by name, and
+the step sizes as a device vector.
 """
 
 from __future__ import annotations
 
 import os
 from collections import OrderedDict
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-from .sparse import STRATUM
+from .sparse import STRATUM, kept_per_stratum
 
-__all__ = ["CHUNK", "fused_available", "fused_spam"]
+__all__ = ["CHUNK", "NUM_WARPS", "StepValues", "fused_available", "fused_spam"]
 
 CHUNK = STRATUM  # elements per program; must equal the sparse stratum (see the module docstring)
 VECTOR_BYTES = 16  # widest global access; a bucket uses it when every address is a multiple of this
 VECTOR_ELEMENTS = 8  # ... and every tensor's length a multiple of this (16 bytes of a 2-byte type)
-NUM_WARPS = 8  # not yet tuned on a GPU; sm_90 build, aligned: 117 registers (dense fp32), 187 (sparse), no spills
+NUM_WARPS = 8  # the default; not yet tuned on a GPU. sm_90, aligned: 117 registers dense fp32, 187 sparse, no spills
 _TABLE_CACHE_SIZE = 32
 
 try:
@@ -76,7 +78,7 @@ if triton is not None:
         param_ptrs, grad_ptrs, exp_avg_ptrs, exp_avg_sq_ptrs, mask_ptrs,  # int64 address per tensor
         chunk_tensor, chunk_start, numels,  # program → (tensor, first element); elements per tensor
         step_sizes,  # float32 per tensor: −lr · s · keep · sqrt(1 − β2^k) / (1 − β1^k)
-        scalars,  # float32 [keep, 1 − lr·wd·keep, reset, θ in force (0: no clipping), 1 / loss scale]
+        keep_ptr, decay_ptr, reset_ptr, threshold_ptr, unscale_ptr,  # 0-dim float32 each: see StepValues
         clip_counts,  # int32 per tensor, incremented when COUNT_CLIPS
         beta1, beta2, eps, kept_per_stratum,
         PARAM: tl.constexpr, GRAD: tl.constexpr, MOMENT: tl.constexpr,
@@ -110,11 +112,11 @@ if triton is not None:
             lane = inside
             moment_index = offsets
 
-        keep = tl.load(scalars)
-        decay = tl.load(scalars + 1)
-        reset = tl.load(scalars + 2)
-        threshold = tl.load(scalars + 3)
-        unscale = tl.load(scalars + 4)
+        keep = tl.load(keep_ptr)
+        decay = tl.load(decay_ptr)
+        reset = tl.load(reset_ptr)
+        threshold = tl.load(threshold_ptr)
+        unscale = tl.load(unscale_ptr)
 
         g = tl.load(g_ptr + offsets, mask=lane, other=0.0).to(tl.float32)
         finite = (g == g) & (tl.abs(g) != float("inf"))
@@ -147,6 +149,20 @@ if triton is not None:
         tl.store(p_ptr + offsets, p_out, mask=inside)
         tl.store(m_ptr + moment_index, m.to(MOMENT), mask=lane)
         tl.store(v_ptr + moment_index, v.to(MOMENT), mask=lane)
+
+
+@dataclass(frozen=True)
+class StepValues:
+    """This step's values, each a 0-dim device tensor, in the order of the kernel's ``*_ptr`` arguments."""
+
+    keep: Tensor  # 1.0, or 0.0 for a skipped step
+    decay: Tensor  # 1 − lr·wd·keep, the decoupled weight-decay factor
+    reset: Tensor  # 1.0 when the moments are zeroed before this step's update
+    threshold: Tensor  # θ in force (0.0: no clipping this step)
+    unscale: Tensor  # 1 / loss scale of torch.amp.GradScaler (1.0 without one)
+
+    def as_float32(self) -> list[Tensor]:
+        return [getattr(self, spec.name).float().reshape(()) for spec in fields(self)]
 
 
 _address_tables: OrderedDict[tuple, Tensor] = OrderedDict()
@@ -197,7 +213,7 @@ def fused_spam(
     exp_avgs: list[Tensor],
     exp_avg_sqs: list[Tensor],
     step_sizes: list[Tensor],
-    scalars: Tensor,
+    values: StepValues,
     mask_bits: list[Tensor | None],
     *,
     beta1: float,
@@ -207,14 +223,14 @@ def fused_spam(
     skip: bool,
     maximize: bool,
     clip_counts: list[Tensor | None] | None,
+    num_warps: int | None = None,
 ) -> None:
     """One launch per (param dtype, grad dtype, moment dtype, sparse) bucket of real tensors on one device.
 
-    ``step_sizes[i]`` (0-dim float32) and ``scalars`` (float32 ``[keep, decay, reset, θ, 1/grad_scale]``) are
-    device tensors;
-    ``mask_bits[i]`` is the packed mask of a sparse parameter (its moments then compact), or ``None``.
-    Non-contiguous tensors are staged through contiguous copies. When ``clip_counts`` is a list, entry ``i``
-    becomes a 0-dim int32 count of parameter ``i``'s clipped coordinates.
+    ``step_sizes[i]`` (0-dim float32) and ``values`` are device tensors; ``mask_bits[i]`` is the packed mask of
+    a sparse parameter (its moments then compact), or ``None``. Non-contiguous tensors are staged through
+    contiguous copies. When ``clip_counts`` is a list, entry ``i`` becomes a 0-dim int32 count of parameter
+    ``i``'s clipped coordinates. ``num_warps``: warps per program (default :data:`NUM_WARPS`).
     """
     if triton is None:
         raise RuntimeError("the fused SPAM step needs Triton: pip install triton")
@@ -223,8 +239,8 @@ def fused_spam(
         if p.numel() == 0:
             continue
         buckets.setdefault((p.dtype, g.dtype, m.dtype, mask_bits[i] is not None), []).append(i)
-    device = scalars.device
-    kept_per_stratum = int(round(density * STRATUM))
+    device = values.keep.device
+    scalars = values.as_float32()
     for (p_dtype, g_dtype, m_dtype, sparse), index in buckets.items():
         staged: list[tuple[Tensor, Tensor]] = []
 
@@ -245,14 +261,14 @@ def fused_spam(
             p.numel() % VECTOR_ELEMENTS == 0 for p in ps)
         addresses = _address_table(pointers, device)
         chunk_tensor, chunk_start, numels = _chunk_table(tuple(p.numel() for p in ps), device)
-        counts = torch.zeros(len(index), dtype=torch.int32, device=device) if clip_counts is not None else scalars
+        counts = torch.zeros(len(index), dtype=torch.int32, device=device) if clip_counts is not None else numels
         sizes = torch.stack([step_sizes[i] for i in index])
         _spam_kernel[(len(chunk_tensor),)](
-            *addresses.unbind(0), chunk_tensor, chunk_start, numels, sizes, scalars, counts,
-            beta1, beta2, eps, kept_per_stratum,
+            *addresses.unbind(0), chunk_tensor, chunk_start, numels, sizes, *scalars, counts,
+            beta1, beta2, eps, kept_per_stratum(density),
             PARAM=_TL_DTYPES[p_dtype], GRAD=_TL_DTYPES[g_dtype], MOMENT=_TL_DTYPES[m_dtype],
             SPARSE=sparse, SKIP=skip, MAXIMIZE=maximize, COUNT_CLIPS=clip_counts is not None,
-            ALIGNED=aligned, BLOCK=CHUNK, num_warps=NUM_WARPS,
+            ALIGNED=aligned, BLOCK=CHUNK, num_warps=num_warps or NUM_WARPS,
         )
         for original, copy in staged:
             original.copy_(copy)

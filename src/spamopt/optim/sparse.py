@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["STRATUM", "kept_count", "param_seed", "draw_mask", "unpack_mask", "gather", "scatter_"]
+__all__ = ["STRATUM", "kept_count", "kept_per_stratum", "param_seed", "draw_mask", "unpack_mask", "gather", "scatter_"]
 
 STRATUM = 4096
 _ROWS_PER_DRAW = 256  # strata drawn together: bounds the drawing temporaries to ~12 MiB
@@ -45,10 +45,15 @@ def _stratum_kept(length: int, density: float) -> int:
     return int(round(density * length))
 
 
+def kept_per_stratum(density: float) -> int:
+    """Kept coordinates in each full stratum of ``STRATUM`` elements (the fused kernel's compact indexing)."""
+    return _stratum_kept(STRATUM, density)
+
+
 def kept_count(numel: int, density: float) -> int:
     """Number of coordinates with moments for a matrix of ``numel`` elements at ``density``."""
     full, rest = divmod(numel, STRATUM)
-    return full * _stratum_kept(STRATUM, density) + _stratum_kept(rest, density)
+    return full * kept_per_stratum(density) + _stratum_kept(rest, density)
 
 
 def _draw_rows(rows: int, length: int, kept: int, generator: torch.Generator, device: torch.device) -> Tensor:
@@ -75,7 +80,7 @@ def draw_mask(numel: int, density: float, seed: int, generation: int, device: to
     per_row = STRATUM // 8
     for row in range(0, full, _ROWS_PER_DRAW):
         rows = min(_ROWS_PER_DRAW, full - row)
-        chunk = _draw_rows(rows, STRATUM, _stratum_kept(STRATUM, density), generator, device)
+        chunk = _draw_rows(rows, STRATUM, kept_per_stratum(density), generator, device)
         bits[row * per_row : (row + rows) * per_row] = _pack(chunk.view(-1))
     if rest:
         tail = torch.zeros((rest + 7) // 8 * 8, dtype=torch.bool, device=device)

@@ -1,7 +1,8 @@
-"""LLaMA model shapes of the SPAM paper's reference configs (``../shared/spec/spam.md``)."""
+"""LLaMA shapes: the SPAM paper's reference configs (60m–1b) and two CPU sizes (tiny, mini)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 
@@ -41,3 +42,9 @@ CONFIGS: dict[str, LlamaConfig] = {
     "350m": LlamaConfig(hidden=1024, intermediate=2736, layers=24, heads=16),
     "1b": LlamaConfig(hidden=2048, intermediate=5461, layers=24, heads=32),
 }
+
+
+def is_block_matrix(name: str, shape: Sequence[int]) -> bool:
+    """The attention and MLP weight matrices of a block: where the paper puts sparse momentum (and GaLore its
+    projection); embeddings, head and norms stay dense."""
+    return len(shape) == 2 and (".attn." in name or ".mlp." in name)

@@ -1,0 +1,301 @@
+"""The machinery an Adam-family optimizer of this package shares, the way ``torch.optim.AdamW`` reuses Adam's:
+argument validation, gathering each group's parameters with lazily created state, ``torch.amp.GradScaler``
+handling, the device-side non-finite skip, DTensor (FSDP2) shards, the step clock, dtype-preserving state
+loading and the choice of implementation. A subclass adds its defaults, its state and one ``step``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from numbers import Integral, Real
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+__all__ = [
+    "GroupBatch",
+    "SpikeAwareOptimizer",
+    "check_flag",
+    "check_integer",
+    "check_number",
+    "is_distributed_tensor",
+    "local",
+    "moment_dtype",
+    "validate_common",
+]
+
+FUSED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+# ----------------------------------------------------------------------------------------- validation
+
+
+def check_number(name: str, value: Any, low: float, *, low_open: bool = False, high: float = math.inf,
+                 high_open: bool = True, accepted: str) -> None:
+    """Raise ``ValueError`` naming ``name`` and the ``accepted`` range unless ``value`` is a finite real in it."""
+    ok = isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        ok = (value > low if low_open else value >= low) and (value < high if high_open else value <= high)
+    if not ok:
+        raise ValueError(f"Invalid {name} value: {value!r} ({accepted})")
+
+
+def check_integer(name: str, value: Any, accepted: str) -> None:
+    """Raise ``ValueError`` unless ``value`` is an integer ≥ 0."""
+    if not (isinstance(value, Integral) and not isinstance(value, bool) and value >= 0):
+        raise ValueError(f"Invalid {name} value: {value!r} ({accepted})")
+
+
+def check_flag(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r} (must be True or False)")
+
+
+def validate_common(group: dict[str, Any]) -> None:
+    """The arguments every optimizer here shares: lr, betas, eps, weight_decay, maximize, skip_nonfinite and the
+    implementation flags foreach / fused / capturable."""
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+        lr_value = lr.item()
+    else:
+        lr_value = lr
+    if not (isinstance(lr_value, Real) and not isinstance(lr_value, bool) and lr_value >= 0):
+        raise ValueError(f"Invalid learning rate: {lr_value!r} (must be >= 0)")
+    betas = group["betas"]
+    if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
+        raise ValueError(f"Invalid betas value: {betas!r} (must be a pair (beta1, beta2))")
+    for index, beta in enumerate(betas):
+        if isinstance(beta, Tensor):
+            raise ValueError("betas must be floats; tensor betas are not supported")
+        if not (isinstance(beta, Real) and not isinstance(beta, bool) and 0.0 <= beta < 1.0):
+            raise ValueError(f"Invalid beta parameter at index {index}: {beta!r} (must be in [0, 1))")
+    check_number("epsilon", group["eps"], 0.0, accepted="must be a finite number >= 0")
+    check_number("weight_decay", group["weight_decay"], 0.0, accepted="must be a finite number >= 0")
+    for flag in ("maximize", "skip_nonfinite", "capturable"):
+        check_flag(flag, group[flag])
+    if group["capturable"] and (group["fused"] is False or group["foreach"]):
+        raise ValueError("Invalid capturable value: True (needs the fused implementation: fused=True or None)")
+    for flag in ("foreach", "fused"):
+        if group[flag] is not None:
+            check_flag(flag, group[flag])
+    if group["foreach"] and group["fused"]:
+        raise ValueError("Invalid foreach/fused values: True/True (choose one implementation)")
+
+
+# ---------------------------------------------------------------------------------------- tensors
+
+
+def moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Moments of half-precision parameters are kept in float32: v underflows in bf16/fp16."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def is_distributed_tensor(tensor: Tensor) -> bool:
+    return hasattr(tensor, "to_local") and hasattr(tensor, "placements")
+
+
+def local(tensor: Tensor) -> Tensor:
+    """The local shard of a DTensor (FSDP2): an elementwise step updates each rank's shard on its own."""
+    return tensor.to_local() if is_distributed_tensor(tensor) else tensor
+
+
+def all_finite(grads: list[Tensor]) -> Tensor | None:
+    """One 0-dim boolean: are all gradients finite? Computed on the device, no host synchronisation."""
+    if not grads:
+        return None
+    by_device: dict[torch.device, list[Tensor]] = {}
+    for g in map(local, grads):
+        # Empty tensors (and empty FSDP shards) hold nothing non-finite; inf-norms of them are undefined.
+        if g.numel():
+            by_device.setdefault(g.device, []).append(torch.view_as_real(g) if g.is_complex() else g)
+    if not by_device:
+        by_device[grads[0].device] = [torch.zeros(1, device=grads[0].device)]
+    flags = [torch.stack(torch._foreach_norm(gs, float("inf"))).isfinite().all() for gs in by_device.values()]
+    home = flags[0].device
+    return torch.stack([f.to(home, non_blocking=True) for f in flags]).all()
+
+
+@dataclass
+class GroupBatch:
+    """One parameter group's share of a step: the parameters that have a gradient, and those gradients."""
+
+    group: dict[str, Any]
+    params: list[Tensor]
+    grads: list[Tensor]
+
+
+# -------------------------------------------------------------------------------------- optimizer
+
+
+class SpikeAwareOptimizer(Optimizer):
+    """Base class: everything but the defaults, the state layout and the arithmetic.
+
+    Subclasses set :attr:`_host_state` / :attr:`_integer_state` (state entries kept on the CPU and their
+    dtypes), implement :meth:`_init_state` and ``step``, and call :meth:`_gather`, :meth:`_keep`,
+    :meth:`_implementation` and :meth:`_advance_clock` from it. Per-parameter state always holds
+    ``global_step`` (the step clock) and ``skipped_steps``.
+    """
+
+    # torch.amp.GradScaler hands the optimizer its loss scale and inf flag (as the attributes ``grad_scale``
+    # and ``found_inf``, for the duration of ``step``) instead of unscaling the gradients and reading the flag
+    # on the host.
+    _step_supports_amp_scaling = True
+    #: State entries that stay on the CPU (counters the host reads), and dtypes of integer state entries.
+    _host_state: frozenset[str] = frozenset({"global_step"})
+    _integer_state: dict[str, torch.dtype] = {"global_step": torch.int64}
+    _validate: Callable[[dict[str, Any]], None] = staticmethod(validate_common)
+
+    def __init__(self, params: Any, defaults: dict[str, Any]) -> None:
+        self._validate(defaults)
+        super().__init__(params, defaults)
+        # torch.optim.Optimizer.__setstate__ adds this key; set it here so copies and pickles compare equal.
+        self.defaults.setdefault("differentiable", False)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
+        self._validate(group)
+        if self.param_groups and group["capturable"] != self.param_groups[0]["capturable"]:
+            raise ValueError("Invalid capturable value: every parameter group must use the same (one clock)")
+        super().add_param_group(param_group)
+
+    # ------------------------------------------------------------------------------------- state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load like ``torch.optim.Optimizer`` but keep each state tensor's own dtype and home device.
+
+        The base class casts every floating state tensor except ``step`` to its parameter's dtype (and ints to
+        floats for floating parameters), which would corrupt integer clocks, seeds and bitmasks.
+        """
+        saved = state_dict["state"]
+        saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        on_host = self._host_state - ({"global_step"} if self.param_groups[0]["capturable"] else set())
+        for pid, param in zip(saved_ids, params):
+            if pid not in saved:
+                continue
+            restored = self.state[param]
+            for key, value in saved[pid].items():
+                device = torch.device("cpu") if key in on_host else param.device
+                if isinstance(value, Tensor):
+                    restored[key] = value.to(device=device)
+                elif key in self._integer_state or key in ("step", "skipped_steps"):
+                    dtype = self._integer_state.get(key, torch.float32)
+                    restored[key] = torch.tensor(value, dtype=dtype, device=device)
+
+    def _init_state(self, param: Tensor, group: dict[str, Any], completed: int | Tensor, ordinal: int) -> None:
+        """Create ``self.state[param]`` before the parameter's first step; ``ordinal`` is its position."""
+        raise NotImplementedError
+
+    def _new_clock(self, param: Tensor, group: dict[str, Any], completed: int | Tensor) -> dict[str, Tensor]:
+        """``global_step`` (on the device when capturable, else the CPU) and ``skipped_steps`` for a new state."""
+        if group["capturable"]:
+            clock = torch.as_tensor(completed, dtype=torch.int64).to(param.device, copy=True)
+        else:
+            clock = torch.tensor(completed, dtype=torch.int64)
+        return {"global_step": clock, "skipped_steps": torch.zeros((), dtype=torch.float32, device=param.device)}
+
+    def _completed_steps(self) -> int | Tensor:
+        """Steps taken so far: an int, or with ``capturable`` the device clock itself (reading it would sync)."""
+        for state in self.state.values():
+            if "global_step" in state:
+                clock = state["global_step"]
+                return clock.clone() if self.param_groups[0]["capturable"] else int(clock)
+        return 0
+
+    def _advance_clock(self, keep: Tensor | None) -> None:
+        """Every parameter with state advances the clock, with or without a gradient this step."""
+        states = [s for s in self.state.values() if "global_step" in s]
+        if not states:
+            return
+        torch._foreach_add_([s["global_step"] for s in states], 1)
+        if keep is not None:
+            skipped = (~keep).float()
+            for s in states:
+                s["skipped_steps"].add_(skipped.to(s["skipped_steps"].device, non_blocking=True))
+
+    # -------------------------------------------------------------------------------------- step
+
+    @staticmethod
+    def _evaluate(closure: Callable[[], float] | None) -> float | None:
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
+    def _gather(self, completed: int | Tensor) -> list[GroupBatch]:
+        """Each group's parameters that have a gradient, creating the state of those stepping for the first
+        time. Parameter ordinals count every parameter of every group, with or without a gradient."""
+        ordinal = 0
+        batches = []
+        for group in self.param_groups:
+            batch = GroupBatch(group, [], [])
+            for param in group["params"]:
+                ordinal += 1
+                if param.grad is None:
+                    continue
+                if param.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if not self.state[param]:
+                    self._init_state(param, group, completed, ordinal - 1)
+                batch.params.append(param)
+                batch.grads.append(param.grad)
+            batches.append(batch)
+        return batches
+
+    def _amp_scaling(self) -> tuple[Tensor | None, Tensor | None]:
+        """``(grad_scale, found_inf)`` set by ``torch.amp.GradScaler.step`` for this call, or ``(None, None)``."""
+        return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+
+    def _keep(self, batches: list[GroupBatch], found_inf: Tensor | None) -> Tensor | None:
+        """This step's 0-dim ``keep`` flag (False: skip it), or None when no group skips.
+
+        Under ``torch.amp.GradScaler`` the scaler has already checked every gradient (``found_inf``) and every
+        group skips a step it flags, as torch's optimizers do; otherwise groups with ``skip_nonfinite`` are
+        checked here.
+        """
+        if found_inf is not None:
+            keep = found_inf.reshape(()) == 0
+        else:
+            keep = all_finite([g for b in batches if b.group["skip_nonfinite"] for g in b.grads])
+        if keep is not None and any(is_distributed_tensor(g) for b in batches for g in b.grads):
+            # Each rank sees only its shard: agree on the decision, or ranks would drift apart.
+            agreed = keep.to(torch.int32)
+            torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
+            keep = agreed.bool()
+        return keep
+
+    @staticmethod
+    def _group_keep(group: dict[str, Any], keep: Tensor | None, found_inf: Tensor | None) -> Tensor | None:
+        """The skip flag a group obeys: the step's, if the group skips non-finite steps or a scaler decides."""
+        return keep if group["skip_nonfinite"] or found_inf is not None else None
+
+    def _fusable(self, param: Tensor) -> bool:
+        """The fused kernel can step this parameter (for a DTensor, its local shard: the step is elementwise)."""
+        from .fused import fused_available
+
+        return param.dtype in FUSED_DTYPES and fused_available(local(param).device)
+
+    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        """``"fused"``, ``"foreach"`` or ``"forloop"`` for this group's parameters.
+
+        ``fused=None`` and ``foreach=None`` (the defaults) pick fused where it runs compiled (CUDA with Triton,
+        every parameter qualifying), else foreach on CUDA, else the for-loop reference.
+        """
+        foreach, fused = group["foreach"], group["fused"]
+        if fused is None:
+            fused = foreach is None and all(p.is_cuda and self._fusable(p) for p in params)
+        elif fused and not all(self._fusable(p) for p in params):
+            raise RuntimeError("fused=True needs Triton and real float32/bfloat16/float16 parameters on CUDA "
+                               "(or on the CPU with TRITON_INTERPRET=1)")
+        if fused:
+            return "fused"
+        if foreach is None:
+            foreach = all(p.is_cuda for p in params)
+        return "foreach" if foreach else "forloop"
