@@ -6,7 +6,7 @@ over several commands that each stay under a time limit (``--optimizers spam`` i
 
     python benchmarks/pretrain_table1.py --data ../shared/data/gutenberg --optimizers adamw,adam-clip,spam
 
-Paper setup it scales down (``../shared/spec/spam.md``): sequence length 256, cosine LR with warmup to 0.1x,
+Paper setup it scales down (docs/algorithm.md and the paper): sequence length 256, cosine LR with warmup to 0.1x,
 SPAM θ=5000, ΔT=500, N=150, D=20 (the default here: 1500 steps give three resets). The paper trains 10k steps
 × 512 sequences on C4 with a T5 tokenizer; this uses 128 sequences and an 8k BPE trained on the source.
 """

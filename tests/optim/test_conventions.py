@@ -344,7 +344,11 @@ SCHEDULERS = [
 ]
 
 
-@pytest.mark.parametrize("make_scheduler", SCHEDULERS, ids=lambda f: "sched")
+SCHEDULER_NAMES = ["StepLR", "MultiStepLR", "ExponentialLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts",
+                   "LinearLR", "ConstantLR", "PolynomialLR", "LambdaLR", "OneCycleLR", "CyclicLR", "ReduceLROnPlateau"]
+
+
+@pytest.mark.parametrize("make_scheduler", SCHEDULERS, ids=SCHEDULER_NAMES)
 @pytest.mark.parametrize("tensor_lr", [False, True])
 @pytest.mark.parametrize("maximize", [False, True])
 def test_goes_right_direction_with_every_scheduler(make_scheduler, tensor_lr, maximize):

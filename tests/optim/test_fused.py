@@ -5,6 +5,7 @@ Triton's CPU interpreter (TRITON_INTERPRET=1, set by tests/conftest.py), on smal
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -267,6 +268,7 @@ def test_step_captured_in_a_cuda_graph_replays_like_eager_steps():
         torch.testing.assert_close(got, ref, rtol=1e-6, atol=1e-7)
 
 
+@functools.cache  # the traffic test reads the same build as the spill test: compile each variant once
 def _hopper_build(*variant: str) -> dict:
     """Build one kernel variant for an H100 in a subprocess (see compile_kernel.py) and return its report."""
     if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump").exists():

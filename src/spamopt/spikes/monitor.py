@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..extras import require
 from .layers import depth, layer_type
 
 __all__ = ["SpikeMonitor", "GSS_HISTOGRAM_EDGES", "RECORDS_FILE"]
@@ -102,11 +103,8 @@ class SpikeMonitor:
         return chosen
 
     def _open_tensorboard(self):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError as error:  # the tensorboard package is an optional extra
-            raise ImportError("tensorboard=True needs the 'tensorboard' package: pip install tensorboard") from error
-        return SummaryWriter(str(self.run_dir / "tensorboard"))
+        board = require("torch.utils.tensorboard", "tensorboard", "tensorboard")  # an optional extra
+        return board.SummaryWriter(str(self.run_dir / "tensorboard"))
 
     # ------------------------------------------------------------------------------------ per step
 

@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..plotting import pyplot, save
 from .layers import LAYER_TYPES, layer_type
 from .monitor import RECORDS_FILE
 
@@ -65,21 +66,10 @@ def _histogram(records, meta):
     return (meta["histogram_edges"], counts) if counts else None
 
 
-def _save(fig, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def _plots(records, summary, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
+
+    plt = pyplot()
 
     paths = []
     steps = sorted({r["step"] for r in records if r["kind"] == "tensor"})
@@ -105,7 +95,7 @@ def _plots(records, summary, out: Path) -> list[Path]:
     bottom.set_yscale("symlog")
     bottom.set_ylabel("spiking coordinates")
     bottom.set_xlabel("step")
-    paths.append(_save(fig, out / "loss_spikes.png"))
+    paths.append(save(fig, out / "loss_spikes.png"))
 
     fig, ax = plt.subplots(figsize=(9, 4))
     for kind in kinds:
@@ -115,7 +105,7 @@ def _plots(records, summary, out: Path) -> list[Path]:
     ax.set_ylabel("spiking coordinates")
     ax.set_title("Spikes per step by layer type")
     ax.legend()
-    paths.append(_save(fig, out / "spikes_by_layer_type.png"))
+    paths.append(save(fig, out / "spikes_by_layer_type.png"))
 
     meta = next(r for r in records if r["kind"] == "meta")
     names = [t["name"] for t in meta["tensors"] if t["mode"] == "element"]
@@ -132,7 +122,7 @@ def _plots(records, summary, out: Path) -> list[Path]:
     ax.set_xlabel("step")
     ax.set_title("Spiking coordinates per tensor (log10(1 + count))")
     fig.colorbar(image, ax=ax)
-    paths.append(_save(fig, out / "spikes_heatmap.png"))
+    paths.append(save(fig, out / "spikes_heatmap.png"))
 
     if summary["histogram"]:
         edges, counts = summary["histogram"]
@@ -145,7 +135,7 @@ def _plots(records, summary, out: Path) -> list[Path]:
         ax.set_ylabel("coordinate-steps")
         ax.set_title("Distribution of the Gradient Spike Score")
         ax.legend()
-        paths.append(_save(fig, out / "gss_histogram.png"))
+        paths.append(save(fig, out / "gss_histogram.png"))
     return paths
 
 

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import statistics
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
-from .train import TrainConfig, option, train
+from ..harness.config import option
+from ..harness.metrics import read_records
+from ..harness.processes import is_rank_zero
+from ..harness.report import mean_curve, mean_std, plot_curves
+from ..harness.runner import parse_list, run_dir, run_grid
+from .train import TrainConfig, train
 
 # The paper's SPAM schedule (ΔT=500, N=150, D=20 over 10k+ steps) never resets in a few hundred steps; the
 # default comparison is 200 steps, so it resets every 75 with a 20-step warmup. Pass '{}' for paper values.
@@ -38,40 +40,26 @@ class CompareConfig:
 def compare(config: CompareConfig, base: TrainConfig) -> Path:
     """Run every (optimizer, seed) not finished yet, then write the report; returns ``report.md``'s path."""
     out = Path(config.out_dir)
-    names = [n.strip() for n in config.optimizers.split(",") if n.strip()]
-    seeds = [int(s) for s in config.seeds.split(",") if s.strip()]
-    if not names or not seeds:
-        raise ValueError(f"Invalid optimizers/seeds value: {config.optimizers!r} / {config.seeds!r} (non-empty)")
-    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else int(os.environ.get("RANK", "0"))
-    for name in names:
+    names = parse_list("optimizers", config.optimizers)
+    seeds = parse_list("seeds", config.seeds, int)
+
+    def make_run(name: str, seed: int, directory: Path) -> TrainConfig:
         options = dict(config.optimizer_args.get(name, {}))
         lr = options.pop("lr", base.lr)
-        for seed in seeds:
-            run = replace(base, optimizer=name, optimizer_args=options, lr=lr, seed=seed, resume=True,
-                          run_dir=str(out / name / f"seed{seed}"))
-            if _finished(run):
-                continue
-            if rank == 0:
-                print(f"== {name}, seed {seed} -> {run.run_dir}", flush=True)
-            train(run)
-    if rank != 0:  # under torchrun, rank 0 writes the report
+        return replace(base, optimizer=name, optimizer_args=options, lr=lr, seed=seed, resume=True,
+                       run_dir=str(directory))
+
+    run_grid(out, names, seeds, make_run, train)
+    if not is_rank_zero():  # under torchrun, rank 0 writes the report
         return out / "report.md"
     return write_report(out, names, seeds)
 
 
-def _finished(run: TrainConfig) -> bool:
-    run_dir = Path(run.run_dir)
-    if not (run_dir / "summary.json").exists() or not (run_dir / "config.json").exists():
-        return False
-    return json.loads((run_dir / "config.json").read_text()) == json.loads(json.dumps(asdict(run)))
-
-
-def _records(run_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
-
-
-def _mean_std(values: list[float]) -> tuple[float, float | None]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
+CURVE_PANELS = [
+    {"key": "train_loss", "title": "training loss (mean over seeds)", "ylabel": "cross-entropy"},
+    {"key": "val_perplexity", "title": "validation perplexity (mean over seeds)", "ylabel": "perplexity",
+     "yscale": "log", "marker": "o"},
+]
 
 
 def write_report(out: Path, names: list[str], seeds: list[int]) -> Path:
@@ -79,58 +67,25 @@ def write_report(out: Path, names: list[str], seeds: list[int]) -> Path:
     results: dict[str, Any] = {"optimizers": {}}
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for name in names:
-        runs = [out / name / f"seed{seed}" for seed in seeds]
+        runs = [run_dir(out, name, seed) for seed in seeds]
         summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
-        records = [_records(r) for r in runs]
+        records = [read_records(r) for r in runs]
         throughput = [statistics.fmean(x["tokens_per_s"] for x in rec if "tokens_per_s" in x) for rec in records]
-        ppl_mean, ppl_std = _mean_std([s["val_perplexity"] for s in summaries])
+        ppl_mean, ppl_std = mean_std([s["val_perplexity"] for s in summaries])
         results["optimizers"][name] = {
             "val_perplexity_mean": ppl_mean, "val_perplexity_std": ppl_std,
             "val_perplexity": [s["val_perplexity"] for s in summaries],
             "tokens_per_s_mean": statistics.fmean(throughput),
             "optimizer_state_bytes_per_process": summaries[0]["optimizer_state_bytes_per_process"],
         }
-        curves[name] = {key: _mean_curve(records, key) for key in ("train_loss", "val_perplexity")}
-    config = json.loads((out / names[0] / f"seed{seeds[0]}" / "config.json").read_text())
-    first = json.loads((out / names[0] / f"seed{seeds[0]}" / "summary.json").read_text())
+        curves[name] = {panel["key"]: mean_curve(records, panel["key"]) for panel in CURVE_PANELS}
+    first_run = run_dir(out, names[0], seeds[0])
+    config = json.loads((first_run / "config.json").read_text())
+    first = json.loads((first_run / "summary.json").read_text())
     results.update(seeds=seeds, config=config, parameters=first["parameters"], device=first["device"])
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    _plot(curves, out / "curves.png")
+    plot_curves(curves, CURVE_PANELS, out / "curves.png")
     return _markdown(results, out / "report.md")
-
-
-def _mean_curve(records: list[list[dict[str, Any]]], key: str) -> list[tuple[int, float]]:
-    by_step: dict[int, list[float]] = {}
-    for run in records:
-        for record in run:
-            if key in record:
-                by_step.setdefault(record["step"], []).append(record[key])
-    return [(step, statistics.fmean(v)) for step, v in sorted(by_step.items()) if len(v) == len(records)]
-
-
-def _plot(curves: dict[str, dict[str, list[tuple[int, float]]]], path: Path) -> None:
-    from ..extras import require
-
-    require("matplotlib", "report")
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (loss_ax, ppl_ax) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, series in curves.items():
-        for ax, key in ((loss_ax, "train_loss"), (ppl_ax, "val_perplexity")):
-            if series[key]:
-                steps, values = zip(*series[key])
-                ax.plot(steps, values, marker="o" if key == "val_perplexity" else None, label=name)
-    loss_ax.set(title="training loss (mean over seeds)", xlabel="step", ylabel="cross-entropy")
-    ppl_ax.set(title="validation perplexity (mean over seeds)", xlabel="step", ylabel="perplexity", yscale="log")
-    for ax in (loss_ax, ppl_ax):
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def _markdown(results: dict[str, Any], path: Path) -> Path:

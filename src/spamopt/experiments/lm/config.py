@@ -5,6 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from ..harness.optimizers import ModelLayout
+
 
 @dataclass(frozen=True)
 class LlamaConfig:
@@ -48,3 +50,13 @@ def is_block_matrix(name: str, shape: Sequence[int]) -> bool:
     """The attention and MLP weight matrices of a block: where the paper puts sparse momentum (and GaLore its
     projection); embeddings, head and norms stay dense."""
     return len(shape) == 2 and (".attn." in name or ".mlp." in name)
+
+
+def optimizer_layout(config: LlamaConfig) -> ModelLayout:
+    """The LLaMA as the optimizer registry sees it: block matrices, width, heads and Adam-mini's name patterns
+    (Adam-mini's defaults would take ``mlp_norm`` for an MLP matrix and miss our q/k/v/o and head)."""
+    return ModelLayout(
+        is_block_matrix=is_block_matrix, hidden=config.hidden, heads=config.heads,
+        adam_mini_names={"embd_names": {"embed"}, "output_names": {"head."}, "wqk_names": {"attn.q.", "attn.k."},
+                         "wv_names": {"attn.v."}, "attn_proj_names": {"attn.o."},
+                         "mlp_names": {"mlp.gate.", "mlp.up.", "mlp.down."}})

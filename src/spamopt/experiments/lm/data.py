@@ -36,7 +36,7 @@ from typing import IO, Any
 import numpy as np
 import torch
 
-from ..extras import require
+from spamopt.extras import require
 
 EOS = "<|endoftext|>"
 SPLITS = ("train", "validation")

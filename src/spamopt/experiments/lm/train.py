@@ -9,31 +9,27 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..extras import require
-from . import checkpoint
-from .config import CONFIGS
+from spamopt.extras import require
+
+from ..harness import checkpoint
+from ..harness.config import check_fields, option
+from ..harness.metrics import Metrics
+from ..harness.optimizers import OptimizerSetup, build_optimizer, state_bytes
+from ..harness.processes import Processes
+from ..harness.schedule import lr_multiplier
+from .config import CONFIGS, optimizer_layout
 from .data import DataConfig, TokenData, TokenWindows, prepare
 from .model import Llama
-from .optimizers import OptimizerSetup, build_optimizer, state_bytes
-
-
-def option(default: Any, help: str) -> Any:
-    """A config field with its command-line help (``default`` may be a factory such as ``dict``)."""
-    if callable(default) and isinstance(default, type):
-        return field(default_factory=default, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass
@@ -87,60 +83,12 @@ class TrainConfig:
             "log_every": (self.log_every >= 1, ">= 1"),
             "parallel": (self.parallel in ("ddp", "fsdp"), "'ddp' or 'fsdp'"),
         }
-        for name, (ok, accepted) in checks.items():
-            if not ok:
-                raise ValueError(f"Invalid {name} value: {getattr(self, name)!r} ({accepted})")
-
-
-def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_ratio: float) -> float:
-    """Linear warmup ``(step+1)/warmup`` for the first ``warmup_steps`` updates, then a cosine from 1 down to
-    ``min_ratio`` at the last update (0-based ``step``)."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - 1 - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        check_fields(self, checks)
 
 
 def perplexity(loss: float) -> float:
     """``exp(loss)``; a diverged run gives ``inf`` (or ``nan``) instead of an OverflowError."""
     return math.exp(loss) if loss < 700 else math.inf if loss == loss else math.nan
-
-
-# ----------------------------------------------------------------------------------------- processes
-
-
-@dataclass(frozen=True)
-class Processes:
-    rank: int
-    world: int
-    device: torch.device
-
-    @property
-    def distributed(self) -> bool:
-        return self.world > 1
-
-    @staticmethod
-    def start() -> Processes:
-        """One process, or the ``torchrun`` group (NCCL on GPUs, gloo on CPUs)."""
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        if world > 1 and not dist.is_initialized():
-            if device.type == "cuda":
-                torch.cuda.set_device(device)
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return Processes(dist.get_rank() if world > 1 else 0, world, device)
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def mean(self, value: Tensor) -> Tensor:
-        if self.distributed:
-            value = value.clone()
-            dist.all_reduce(value)
-            value /= self.world
-        return value
 
 
 def _wrap(model: nn.Module, config: TrainConfig, processes: Processes) -> nn.Module:
@@ -167,9 +115,6 @@ def model_on_cuda(model: nn.Module) -> bool:
     return next(model.parameters()).is_cuda
 
 
-# -------------------------------------------------------------------------------------------- loss
-
-
 def _loss(model: nn.Module, batch: Tensor, autocast: Any) -> Tensor:
     with autocast:
         logits = model(batch[:, :-1])
@@ -194,63 +139,38 @@ def evaluate(model: nn.Module, data: TokenData, config: TrainConfig, processes: 
     return processes.mean(total / len(mine)).item()
 
 
-# -------------------------------------------------------------------------------------------- logs
+# ------------------------------------------------------------------------------------------ setup
 
 
-class Metrics:
-    """``metrics.jsonl`` (one JSON object per record), mirrored to TensorBoard and W&B when asked.
-    On resume, records after the checkpoint's step are dropped: they will be written again."""
+@dataclass
+class Run:
+    """Everything a training loop touches, built once by :func:`_set_up`."""
 
-    def __init__(self, run_dir: Path, config: TrainConfig, resumed_step: int, enabled: bool) -> None:
-        self.enabled = enabled
-        self.path = run_dir / "metrics.jsonl"
-        self.writers: list[Any] = []
-        if not enabled:
-            return
-        kept = []
-        if resumed_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resumed_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
-        if config.tensorboard:
-            self.writers.append(require("torch.utils.tensorboard", "tensorboard", "tensorboard")
-                                .SummaryWriter(str(run_dir / "tensorboard")))
-        if config.wandb:
-            wandb = require("wandb", "wandb")
-            self.wandb_run = wandb.init(project="spamopt", dir=str(run_dir), config=asdict(config),
-                                        mode=os.environ.get("WANDB_MODE", "offline"), name=run_dir.name)
+    config: TrainConfig
+    processes: Processes
+    run_dir: Path
+    micro: int  # sequences per process per forward pass
+    accumulation: int  # micro-steps per optimizer step
+    data: TokenData
+    model: nn.Module  # as trained (DDP- or FSDP-wrapped under torchrun)
+    parameters: int
+    setup: OptimizerSetup
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    autocast: Any
 
-    def log(self, step: int, **values: float) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps({"step": step, **values}) + "\n")
-        for writer in self.writers:
-            for key, value in values.items():
-                writer.add_scalar(key, value, step)
-        if hasattr(self, "wandb_run"):
-            self.wandb_run.log(values, step=step)
-
-    def close(self) -> None:
-        for writer in self.writers:
-            writer.close()
-        if hasattr(self, "wandb_run"):
-            self.wandb_run.finish()
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / checkpoint.CHECKPOINT
 
 
-# ------------------------------------------------------------------------------------------- train
-
-
-def train(config: TrainConfig) -> dict[str, Any]:
-    """Train, evaluate, checkpoint; returns (and writes to ``summary.json``) the run's final numbers."""
+def _set_up(config: TrainConfig) -> Run:
+    """Processes, data (tokenized once by rank 0), model, optimizer and LR schedule."""
     processes = Processes.start()
     run_dir = Path(config.run_dir)
     micro = config.micro_batch_size or config.batch_size // processes.world
     if micro < 1 or config.batch_size % (micro * processes.world):
         raise ValueError(f"Invalid micro_batch_size value: {micro} (batch_size {config.batch_size} must be a "
                          f"multiple of micro_batch_size × processes = {micro} × {processes.world})")
-    accumulation = config.batch_size // (micro * processes.world)
-
     data_config = DataConfig(source=config.data, vocab_size=config.vocab_size, tokenizer=config.tokenizer,
                              max_train_tokens=config.max_train_tokens)
     if processes.rank == 0:
@@ -264,48 +184,85 @@ def train(config: TrainConfig) -> dict[str, Any]:
     torch.manual_seed(config.seed)  # same initial weights on every process
     model_config = replace(CONFIGS[config.model], vocab=data.vocab_size,
                            max_positions=max(config.seq_len, CONFIGS[config.model].max_positions))
-    model = Llama(model_config).to(processes.device)
-    model = _wrap(model, config, processes)
+    model = _wrap(Llama(model_config).to(processes.device), config, processes)
     core = model.module if hasattr(model, "module") else model
-    setup: OptimizerSetup = build_optimizer(config.optimizer, core, lr=config.lr,
-                                            weight_decay=config.weight_decay, options=config.optimizer_args)
-    optimizer = setup.optimizer
+    setup = build_optimizer(config.optimizer, core, optimizer_layout(model_config), lr=config.lr,
+                            weight_decay=config.weight_decay, options=config.optimizer_args)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_multiplier(s, config.warmup_steps, config.steps, config.min_lr_ratio))
+        setup.optimizer, lambda s: lr_multiplier(s, config.warmup_steps, config.steps, config.min_lr_ratio))
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if processes.device.type == "cuda" else nullcontext()
+    return Run(config, processes, run_dir, micro, config.batch_size // (micro * processes.world), data, model,
+               sum(math.prod(shape) for shape in model_config.parameter_shapes().values()), setup, scheduler,
+               autocast)
 
-    start = 0
-    checkpoint_path = run_dir / checkpoint.CHECKPOINT
-    if config.resume and checkpoint_path.exists():
-        saved = checkpoint.load(checkpoint_path, model=model, optimizer=optimizer,
-                                distributed=processes.distributed)
-        scheduler.load_state_dict(saved["scheduler"])
-        if setup.clipper is not None:
-            setup.clipper.load_state_dict(saved["clipper"])
-        torch.set_rng_state(saved["rng"])
-        if saved.get("cuda_rng") is not None and processes.device.type == "cuda":
-            torch.cuda.set_rng_state(saved["cuda_rng"], processes.device)
-        start = saved["step"]
 
-    def save(step: int) -> None:
-        checkpoint.save(checkpoint_path, model=model, optimizer=optimizer, rank=processes.rank,
-                        distributed=processes.distributed, scheduler=scheduler.state_dict(), step=step,
-                        samples_seen=step * config.batch_size, rng=torch.get_rng_state(),
-                        cuda_rng=torch.cuda.get_rng_state(processes.device) if processes.device.type == "cuda"
-                        else None,
-                        clipper=setup.clipper.state_dict() if setup.clipper else None, config=asdict(config))
+def _resume(run: Run) -> int:
+    """Restore the last checkpoint when asked and present; returns the step it holds (0: a fresh start)."""
+    if not (run.config.resume and run.checkpoint_path.exists()):
+        return 0
+    saved = checkpoint.load(run.checkpoint_path, model=run.model, optimizer=run.setup.optimizer,
+                            distributed=run.processes.distributed)
+    run.scheduler.load_state_dict(saved["scheduler"])
+    if run.setup.clipper is not None:
+        run.setup.clipper.load_state_dict(saved["clipper"])
+    torch.set_rng_state(saved["rng"])
+    if saved.get("cuda_rng") is not None and run.processes.device.type == "cuda":
+        torch.cuda.set_rng_state(saved["cuda_rng"], run.processes.device)
+    return saved["step"]
 
-    metrics = Metrics(run_dir, config, start, enabled=processes.rank == 0)
-    monitor = None
-    if config.spikes:
-        if config.parallel == "fsdp" and processes.distributed:
-            raise ValueError("Invalid spikes value: True (spike telemetry needs whole gradients: use --parallel ddp)")
-        if processes.rank == 0:
-            from spamopt.spikes import SpikeMonitor
 
-            monitor = SpikeMonitor(core, run_dir / "spikes",
-                                   optimizer=optimizer if hasattr(optimizer, "record_statistics") else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if processes.device.type == "cuda" else nullcontext())
-    windows = TokenWindows(data.train, config.seq_len, config.seed)
+def _save(run: Run, step: int) -> None:
+    device = run.processes.device
+    checkpoint.save(run.checkpoint_path, model=run.model, optimizer=run.setup.optimizer, rank=run.processes.rank,
+                    distributed=run.processes.distributed, scheduler=run.scheduler.state_dict(), step=step,
+                    samples_seen=step * run.config.batch_size, rng=torch.get_rng_state(),
+                    cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    clipper=run.setup.clipper.state_dict() if run.setup.clipper else None, config=asdict(run.config))
+
+
+def _spike_monitor(run: Run) -> Any:
+    """The SpikeMonitor of ``--spikes`` on rank 0 (None otherwise); it needs whole gradients."""
+    if not run.config.spikes:
+        return None
+    if run.config.parallel == "fsdp" and run.processes.distributed:
+        raise ValueError("Invalid spikes value: True (spike telemetry needs whole gradients: use --parallel ddp)")
+    if run.processes.rank != 0:
+        return None
+    from spamopt.spikes import SpikeMonitor
+
+    core = run.model.module if hasattr(run.model, "module") else run.model
+    optimizer = run.setup.optimizer
+    return SpikeMonitor(core, run.run_dir / "spikes",
+                        optimizer=optimizer if hasattr(optimizer, "record_statistics") else None)
+
+
+# ------------------------------------------------------------------------------------------- train
+
+
+def _forward_backward(run: Run, windows: TokenWindows, step: int) -> Tensor:
+    """Accumulate the gradients of optimizer step ``step`` (0-based); returns its mean loss on this process."""
+    config, processes, model = run.config, run.processes, run.model
+    step_loss = torch.zeros((), device=processes.device)
+    for m in range(run.accumulation):
+        first = step * config.batch_size + (m * processes.world + processes.rank) * run.micro
+        batch = windows.batch(first, run.micro).to(processes.device)
+        sync = m == run.accumulation - 1 or not hasattr(model, "no_sync")
+        with nullcontext() if sync else model.no_sync():
+            loss = _loss(model, batch, run.autocast) / run.accumulation
+            loss.backward()
+        step_loss += loss.detach()
+    return step_loss
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train, evaluate, checkpoint; returns (and writes to ``summary.json``) the run's final numbers."""
+    run = _set_up(config)
+    processes, model, optimizer = run.processes, run.model, run.setup.optimizer
+    start = _resume(run)
+    metrics = Metrics(run.run_dir, config=asdict(config), resumed_step=start, enabled=processes.rank == 0,
+                      tensorboard=config.tensorboard, wandb=config.wandb)
+    monitor = _spike_monitor(run)
+    windows = TokenWindows(run.data.train, config.seq_len, config.seed)
     progress = None
     if config.progress and processes.rank == 0:
         progress = require("tqdm", "lm").tqdm(total=config.steps, initial=start, unit="step", dynamic_ncols=True)
@@ -315,63 +272,55 @@ def train(config: TrainConfig) -> dict[str, Any]:
     clock, clock_step = time.perf_counter(), start
     val_loss: float | None = None
     for step in range(start, config.steps):
-        step_loss = torch.zeros((), device=processes.device)
-        for m in range(accumulation):
-            first = step * config.batch_size + (m * processes.world + processes.rank) * micro
-            batch = windows.batch(first, micro).to(processes.device)
-            sync = m == accumulation - 1 or not hasattr(model, "no_sync")
-            with nullcontext() if sync else model.no_sync():
-                loss = _loss(model, batch, autocast) / accumulation
-                loss.backward()
-            step_loss += loss.detach()
+        step_loss = _forward_backward(run, windows, step)
         running_loss += step_loss
         if monitor is not None:  # the raw gradients, before any clipping
             monitor.observe(step=step, loss=step_loss)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        if setup.clipper is not None:
-            setup.clipper(model)
+        if run.setup.clipper is not None:
+            run.setup.clipper(model)
         lr = optimizer.param_groups[0]["lr"]
         optimizer.step()
-        scheduler.step()
+        run.scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         done = step + 1
 
         if done % config.log_every == 0 or done == config.steps:
             train_loss = processes.mean(running_loss).item() / (done - clock_step)
-            elapsed = time.perf_counter() - clock
-            tokens_per_s = tokens_per_step * (done - clock_step) / elapsed
+            tokens_per_s = tokens_per_step * (done - clock_step) / (time.perf_counter() - clock)
             metrics.log(done, train_loss=train_loss, lr=float(lr), tokens_per_s=tokens_per_s)
             if progress is not None:
                 progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             running_loss.zero_()
             clock, clock_step = time.perf_counter(), done
         if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
-            val_loss = evaluate(model, data, config, processes, micro, autocast)
+            val_loss = evaluate(model, run.data, config, processes, run.micro, run.autocast)
             metrics.log(done, val_loss=val_loss, val_perplexity=perplexity(val_loss))
             clock = time.perf_counter()  # evaluation is not training throughput
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
-            save(done)
+            _save(run, done)
             clock = time.perf_counter()
         if progress is not None:
             progress.update(1)
 
     if val_loss is None:  # resumed a finished run
-        val_loss = evaluate(model, data, config, processes, micro, autocast)
-    if progress is not None:
-        progress.close()
-    if monitor is not None:
-        monitor.close()
-    metrics.close()
+        val_loss = evaluate(model, run.data, config, processes, run.micro, run.autocast)
+    for closing in (progress, monitor, metrics):
+        if closing is not None:
+            closing.close()
+    return _summarize(run, val_loss)
+
+
+def _summarize(run: Run, val_loss: float) -> dict[str, Any]:
     summary = {
-        "optimizer": config.optimizer, "seed": config.seed, "steps": config.steps,
+        "optimizer": run.config.optimizer, "seed": run.config.seed, "steps": run.config.steps,
         "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
-        "optimizer_state_bytes_per_process": state_bytes(optimizer),
-        "parameters": sum(math.prod(shape) for shape in model_config.parameter_shapes().values()),
-        "processes": processes.world, "device": str(processes.device),
+        "optimizer_state_bytes_per_process": state_bytes(run.setup.optimizer),
+        "parameters": run.parameters, "processes": run.processes.world, "device": str(run.processes.device),
     }
-    if processes.device.type == "cuda":
-        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(processes.device)
-    if processes.rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if run.processes.device.type == "cuda":
+        summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(run.processes.device)
+    if run.processes.rank == 0:
+        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary

@@ -15,7 +15,7 @@ from spamopt.experiments.lm import data as lm_data
 from spamopt.experiments.lm.data import (EOS, DataConfig, FileCorpus, StdlibCorpus, TokenWindows, open_corpus,
                                          prepare)
 
-from .conftest import stdlib_documents
+from .helpers import stdlib_documents
 
 SHARED_GUTENBERG = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "gutenberg"
 

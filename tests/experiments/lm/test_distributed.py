@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from spamopt.experiments.lm.train import TrainConfig, train
 
-from .conftest import checkpoint_weights as _weights, train_command
+from .helpers import checkpoint_weights as _weights, train_command
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 

@@ -1,9 +1,11 @@
-"""Optional dependencies of the experiments, imported on use with a message naming the extra to install."""
+"""Optional dependencies, imported on use with a message naming the extra that installs them."""
 
 from __future__ import annotations
 
 import importlib
 from types import ModuleType
+
+__all__ = ["require"]
 
 
 def require(module: str, extra: str, package: str | None = None) -> ModuleType:

@@ -12,9 +12,9 @@ from spamopt import SPAM
 from spamopt.spikes import SpikeMonitor
 from spamopt.spikes.report import build_report
 
-from .lm.config import CONFIGS
-from .lm.data import random_windows, stdlib_bytes
-from .lm.model import Llama
+from ..lm.config import CONFIGS
+from ..lm.data import random_windows, stdlib_bytes
+from ..lm.model import Llama
 
 
 def run(data: torch.Tensor, run_dir: Path, optimizer: str, steps: int = 300, lr: float = 3e-3,

@@ -1,4 +1,5 @@
-"""Atomic training checkpoints: model, optimizer, scheduler, clipper, data position and RNG in one file.
+"""Atomic training checkpoints: model and optimizer state plus whatever a family adds (scheduler, clipper, data
+position, RNG, ...) in one file.
 
 Model and optimizer state go through ``torch.distributed.checkpoint.state_dict`` as full (unsharded) state
 dicts keyed by parameter name, so a checkpoint written by a single process, DDP or FSDP2 loads into any of them.
@@ -16,12 +17,19 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
+__all__ = ["CHECKPOINT", "register_state_object", "save", "load", "write_atomically"]
+
 CHECKPOINT = "checkpoint.pt"
 
 # Optimizer-state objects that are not tensors (GaLore keeps its projector in the state), saved as their
-# attributes beside the state dict and rebuilt on load. Only these classes are rebuilt, so loading stays as
-# safe as ``torch.load(weights_only=True)``.
-STATE_OBJECTS = {"galore_torch.galore_projector.GaLoreProjector"}
+# attributes beside the state dict and rebuilt on load. Only registered classes are rebuilt, so loading stays
+# as safe as ``torch.load(weights_only=True)``.
+STATE_OBJECTS: set[str] = set()
+
+
+def register_state_object(class_name: str) -> None:
+    """Allow optimizer-state objects of ``class_name`` (``module.QualifiedName``) in checkpoints."""
+    STATE_OBJECTS.add(class_name)
 
 
 def _class_name(value: Any) -> str:
@@ -80,10 +88,16 @@ def save(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer, rank
     if rank != 0:
         return
     encoded = {name: {key: _encode(value) for key, value in entries.items()} for name, entries in objects.items()}
+    write_atomically(path, {"model": model_state, "optimizer": optimizer_state, "optimizer_objects": encoded,
+                            **extra})
+
+
+def write_atomically(path: Path, payload: dict[str, Any]) -> None:
+    """``torch.save`` to ``path.tmp``, flushed to disk, then renamed over ``path``: a crash at any moment leaves
+    either the previous file or the new one, whole."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as handle:
-        torch.save({"model": model_state, "optimizer": optimizer_state, "optimizer_objects": encoded, **extra},
-                   handle)
+        torch.save(payload, handle)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)

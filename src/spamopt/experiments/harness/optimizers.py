@@ -1,4 +1,8 @@
-"""Optimizers by name, with the paper's parameter groups.
+"""Optimizers by name, with the paper's parameter groups, for any family's model.
+
+A family describes its model once (:class:`ModelLayout`: which parameters are the block matrices that sparse
+momentum and GaLore apply to, the width, the heads, Adam-mini's name patterns); every builder reads that and
+nothing else about the model. Families may add names with :func:`register_optimizer`.
 
 Baselines come from their maintained packages (``torch.optim``, ``adam-mini``, ``galore-torch``, ``zclip``,
 ``lion-pytorch``), never rewritten here; a missing package raises an ``ImportError`` naming the extra that
@@ -8,15 +12,19 @@ installs it. Gradient clippers (global norm, ZClip) run between ``backward()`` a
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
 from spamopt import SPAM
+from spamopt.extras import require
 
-from ..extras import require
+from .checkpoint import register_state_object
+
+__all__ = ["ModelLayout", "OptimizerSetup", "GradientClipper", "OPTIMIZERS", "build_optimizer",
+           "register_optimizer", "state_bytes"]
 
 
 class GradientClipper:
@@ -67,79 +75,99 @@ class OptimizerSetup:
     clipper: GradientClipper | None = None
 
 
-def block_matrices(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(attention and MLP weight matrices, everything else): the split the paper's sparse and GaLore runs use."""
-    matrices, others = [], []
-    for name, param in model.named_parameters():
-        is_block_matrix = param.dim() == 2 and (".attn." in name or ".mlp." in name)
-        (matrices if is_block_matrix else others).append(param)
-    return matrices, others
+@dataclass(frozen=True)
+class ModelLayout:
+    """What the builders need to know of a family's model.
+
+    Attributes:
+        is_block_matrix: ``(parameter name, shape) -> bool``: the matrices that get sparse momentum
+            (``spam-sparse``) and GaLore's projection; everything else stays dense.
+        hidden: the model width (GaLore's default rank is ``hidden // 4``; Adam-mini's ``dim``).
+        heads: attention heads (Adam-mini's ``n_heads``).
+        adam_mini_names: Adam-mini's partition name patterns (its attributes ``embd_names``, ``output_names``,
+            ``wqk_names``, ``wv_names``, ``attn_proj_names``, ``mlp_names``), its documented way to adapt to a
+            model; left at Adam-mini's defaults when empty.
+    """
+
+    is_block_matrix: Callable[[str, tuple[int, ...]], bool]
+    hidden: int
+    heads: int
+    adam_mini_names: dict[str, set[str]] = field(default_factory=dict)
+
+    def split(self, model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+        """(block matrices, everything else), in ``named_parameters`` order."""
+        matrices, others = [], []
+        for name, param in model.named_parameters():
+            (matrices if self.is_block_matrix(name, tuple(param.shape)) else others).append(param)
+        return matrices, others
 
 
-def _adamw(model: nn.Module, lr: float, weight_decay: float, options: dict[str, Any]) -> OptimizerSetup:
+def _adamw(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+           options: dict[str, Any]) -> OptimizerSetup:
     return OptimizerSetup(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **options))
 
 
-def _adam_clip(model: nn.Module, lr: float, weight_decay: float, options: dict[str, Any]) -> OptimizerSetup:
+def _adam_clip(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+               options: dict[str, Any]) -> OptimizerSetup:
     max_norm = options.pop("max_norm", 1.0)
     return OptimizerSetup(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **options),
                           GlobalNormClipper(max_norm))
 
 
-def _zclip(model: nn.Module, lr: float, weight_decay: float, options: dict[str, Any]) -> OptimizerSetup:
+def _zclip(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+           options: dict[str, Any]) -> OptimizerSetup:
     clipper = ZClipClipper(**options)
     return OptimizerSetup(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay), clipper)
 
 
-def _adafactor(model: nn.Module, lr: float, weight_decay: float, options: dict[str, Any]) -> OptimizerSetup:
+def _adafactor(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+               options: dict[str, Any]) -> OptimizerSetup:
     if not hasattr(torch.optim, "Adafactor"):
         raise ImportError(f"adafactor needs torch.optim.Adafactor (torch >= 2.5); this is torch {torch.__version__}")
     return OptimizerSetup(torch.optim.Adafactor(model.parameters(), lr=lr, weight_decay=weight_decay, **options))
 
 
-def _lion(model: nn.Module, lr: float, weight_decay: float, options: dict[str, Any]) -> OptimizerSetup:
+def _lion(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+          options: dict[str, Any]) -> OptimizerSetup:
     lion = require("lion_pytorch", "baselines", "lion-pytorch")
     return OptimizerSetup(lion.Lion(model.parameters(), lr=lr, weight_decay=weight_decay, **options))
 
 
-def _adam_mini(model: nn.Module, lr: float, weight_decay: float, options: dict[str, Any]) -> OptimizerSetup:
+def _adam_mini(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+               options: dict[str, Any]) -> OptimizerSetup:
     adam_mini = require("adam_mini", "baselines", "adam-mini")
-    config = model.config
-    options = {"dim": config.hidden, "n_heads": config.heads, "verbose": False, **options}
+    options = {"dim": layout.hidden, "n_heads": layout.heads, "verbose": False, **options}
     optimizer = adam_mini.Adam_mini(model.named_parameters(), lr=lr, weight_decay=weight_decay, **options)
-    # Adam-mini partitions by substrings of parameter names (its documented way to adapt to a model); its
-    # defaults would take "mlp_norm" for an MLP matrix and miss our q/k/v/o and head.
-    optimizer.embd_names = {"embed"}
-    optimizer.output_names = {"head."}
-    optimizer.wqk_names = {"attn.q.", "attn.k."}
-    optimizer.wv_names = {"attn.v."}
-    optimizer.attn_proj_names = {"attn.o."}
-    optimizer.mlp_names = {"mlp.gate.", "mlp.up.", "mlp.down."}
+    for attribute, patterns in layout.adam_mini_names.items():  # Adam-mini partitions by name substrings
+        setattr(optimizer, attribute, set(patterns))
     return OptimizerSetup(optimizer)
 
 
-def _galore(model: nn.Module, lr: float, weight_decay: float, options: dict[str, Any]) -> OptimizerSetup:
+def _galore(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+            options: dict[str, Any]) -> OptimizerSetup:
     galore_torch = require("galore_torch", "galore", "galore-torch")
-    matrices, others = block_matrices(model)
+    matrices, others = layout.split(model)
     # The GaLore paper's ranks are a quarter of the hidden size at 60M, 350M and 1B.
-    galore_group = {"rank": max(1, model.config.hidden // 4), "update_proj_gap": 200, "scale": 0.25,
+    galore_group = {"rank": max(1, layout.hidden // 4), "update_proj_gap": 200, "scale": 0.25,
                     "proj_type": "std", **options}
     groups = [{"params": others}, {"params": matrices, **galore_group}]
     return OptimizerSetup(galore_torch.GaLoreAdamW(groups, lr=lr, weight_decay=weight_decay))
 
 
-def _spam(model: nn.Module, lr: float, weight_decay: float, options: dict[str, Any]) -> OptimizerSetup:
+def _spam(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+          options: dict[str, Any]) -> OptimizerSetup:
     return OptimizerSetup(SPAM(model.parameters(), lr=lr, weight_decay=weight_decay, **options))
 
 
-def _spam_sparse(model: nn.Module, lr: float, weight_decay: float, options: dict[str, Any]) -> OptimizerSetup:
+def _spam_sparse(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+                 options: dict[str, Any]) -> OptimizerSetup:
     density = options.pop("density", 0.25)
-    matrices, others = block_matrices(model)
+    matrices, others = layout.split(model)
     groups = [{"params": matrices, "density": density}, {"params": others}]
     return OptimizerSetup(SPAM(groups, lr=lr, weight_decay=weight_decay, **options))
 
 
-Builder = Callable[[nn.Module, float, float, dict[str, Any]], OptimizerSetup]
+Builder = Callable[[nn.Module, ModelLayout, float, float, dict[str, Any]], OptimizerSetup]
 
 OPTIMIZERS: dict[str, Builder] = {
     "adamw": _adamw,
@@ -153,14 +181,24 @@ OPTIMIZERS: dict[str, Builder] = {
     "spam-sparse": _spam_sparse,
 }
 
+# GaLore keeps its projector object in the optimizer state; checkpoints may rebuild it.
+register_state_object("galore_torch.galore_projector.GaLoreProjector")
 
-def build_optimizer(name: str, model: nn.Module, *, lr: float, weight_decay: float = 0.0,
+
+def register_optimizer(name: str, builder: Builder) -> None:
+    """Add ``name`` to the registry (a family's own optimizer or variant); an existing name is an error."""
+    if name in OPTIMIZERS:
+        raise ValueError(f"Invalid optimizer name: {name!r} is already registered")
+    OPTIMIZERS[name] = builder
+
+
+def build_optimizer(name: str, model: nn.Module, layout: ModelLayout, *, lr: float, weight_decay: float = 0.0,
                     options: dict[str, Any] | None = None) -> OptimizerSetup:
-    """The optimizer ``name`` for ``model`` (an unwrapped or FSDP2-sharded :class:`Llama`); ``options`` are
-    passed to its constructor (SPAM's ``reset_interval``, GaLore's ``rank``, ZClip's ``z_thresh``, ...)."""
+    """The optimizer ``name`` for ``model`` (unwrapped, or FSDP2-sharded) described by ``layout``; ``options``
+    are passed to its constructor (SPAM's ``reset_interval``, GaLore's ``rank``, ZClip's ``z_thresh``, ...)."""
     if name not in OPTIMIZERS:
         raise ValueError(f"Invalid optimizer value: {name!r} (one of {', '.join(OPTIMIZERS)})")
-    return OPTIMIZERS[name](model, lr, weight_decay, dict(options or {}))
+    return OPTIMIZERS[name](model, layout, lr, weight_decay, dict(options or {}))
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

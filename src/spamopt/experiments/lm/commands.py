@@ -1,0 +1,36 @@
+"""``spamopt train`` and ``spamopt compare``: every option is a field of TrainConfig / CompareConfig."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..harness.command import Command
+from ..harness.config import add_options, from_args
+from ..harness.processes import run_command
+from .compare import CompareConfig, compare
+from .train import TrainConfig, train
+
+# compare sets these per run
+_PER_RUN = ("optimizer", "seed", "run_dir", "resume", "optimizer_args")
+
+
+def _compare_arguments(parser: argparse.ArgumentParser) -> None:
+    add_options(parser, CompareConfig)
+    add_options(parser, TrainConfig, skip=_PER_RUN)
+
+
+def _train(args: argparse.Namespace) -> None:
+    run_command(lambda: json.dumps(train(from_args(TrainConfig, args)), indent=2))
+
+
+def _compare(args: argparse.Namespace) -> None:
+    run_command(lambda: str(compare(from_args(CompareConfig, args),
+                                    from_args(TrainConfig, args, run_dir=str(args.out_dir)))))
+
+
+COMMANDS = [
+    Command(("train",), "pre-train a LLaMA with one optimizer (torchrun for several GPUs)",
+            lambda parser: add_options(parser, TrainConfig), _train),
+    Command(("compare",), "several optimizers × seeds on one config, and a report", _compare_arguments, _compare),
+]

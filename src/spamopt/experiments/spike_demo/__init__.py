@@ -1,0 +1,1 @@
+"""Gradient-spike telemetry on a tiny LLaMA with AdamW and SPAM: ``spamopt spikes demo``."""

@@ -1,0 +1,48 @@
+"""``spamopt compare``: optimizers × seeds, the report's mean ± std from the runs' own summaries, reuse of
+finished runs, and the README's main command on a minimal budget."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from spamopt.experiments.lm.compare import CompareConfig, compare
+
+
+def test_compare_writes_a_report_with_mean_and_std_over_seeds(small_run, tmp_path):
+    """Two optimizers × two seeds: the report's mean ± std is computed from the runs' own summaries, the PNG
+    exists, and a second call reuses the finished runs instead of training again."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "compare"
+    base = replace(small_run, steps=4, checkpoint_every=0, eval_every=0)
+    report = compare(CompareConfig(optimizers="spam,adamw", seeds="0,1", out_dir=str(out)), base)
+    results = json.loads((out / "results.json").read_text())
+    for name in ("spam", "adamw"):
+        ppl = [json.loads((out / name / f"seed{s}" / "summary.json").read_text())["val_perplexity"] for s in (0, 1)]
+        row = results["optimizers"][name]
+        assert row["val_perplexity_mean"] == pytest.approx(sum(ppl) / 2)
+        assert row["val_perplexity_std"] == pytest.approx(abs(ppl[0] - ppl[1]) / math.sqrt(2))
+        assert f"{row['val_perplexity_mean']:.2f} ± {row['val_perplexity_std']:.2f}" in report.read_text()
+    assert (out / "curves.png").stat().st_size > 10_000
+    stamp = (out / "spam" / "seed0" / "summary.json").stat().st_mtime_ns
+    compare(CompareConfig(optimizers="spam,adamw", seeds="0,1", out_dir=str(out)), base)
+    assert (out / "spam" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
+
+
+def test_the_main_command_on_a_minimal_budget(token_cache, tmp_path, capsys):
+    """``spamopt compare`` with its defaults (SPAM, AdamW, Adam + clipping; two seeds; the embedded stdlib
+    corpus) on a budget of 3 steps: every run finishes with a finite perplexity and the report is written."""
+    from spamopt.cli import main
+
+    out = tmp_path / "compare"
+    main(["compare", "--model", "tiny", "--steps", "3", "--vocab-size", "300", "--seq-len", "32", "--batch-size",
+          "4", "--eval-tokens", "512", "--out-dir", str(out), "--cache-dir", str(token_cache), "--no-progress"])
+    assert capsys.readouterr().out.strip().endswith("report.md")
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["optimizers"]) == {"spam", "adamw", "adam-clip"} and results["seeds"] == [0, 1]
+    assert results["config"]["data"] == "stdlib"
+    assert all(math.isfinite(v) for row in results["optimizers"].values() for v in row["val_perplexity"])
+    assert (out / "curves.png").exists() and "| spam |" in (out / "report.md").read_text()
