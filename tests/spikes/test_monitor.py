@@ -201,3 +201,91 @@ def test_tensorboard_scalars_are_written(tmp_path):
     tags = events.Tags()["scalars"]
     assert "loss" in tags and "spikes/mlp/layers.0.mlp.up.weight" in tags
     assert [e.step for e in events.Scalars("loss")] == [1, 2, 3, 4]
+
+
+def test_element_and_tensor_modes_mix_in_one_monitor_and_report(tmp_path):
+    """The README's per-tensor mode dict: element-mode records carry the GSS fields, tensor-mode records only
+    the norm statistics, both survive the flush (rows of different lengths), and the report reads both."""
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    with SpikeMonitor([("a", a), ("b", b)], tmp_path, mode={"b": "tensor"}, flush_every=2) as monitor:
+        for step in range(1, 6):
+            a.grad = torch.full((3,), float(step))
+            b.grad = torch.full((3,), 2.0 * step)
+            monitor.observe(loss=1.0 / step)
+    records = _records(tmp_path)
+    by_name = {name: [r for r in records if r["name"] == name] for name in ("a", "b")}
+    assert [r["step"] for r in by_name["a"]] == [r["step"] for r in by_name["b"]] == [1, 2, 3, 4, 5]
+    assert {"spikes", "max_gss", "spike_fraction"} <= set(by_name["a"][0]) and "spikes" not in by_name["b"][0]
+    assert by_name["a"][2]["max_gss"] == pytest.approx(3 / (6 / 3))  # |g_3| over the mean of 1, 2, 3
+    assert by_name["b"][4]["grad_norm"] == pytest.approx(10.0 * 3 ** 0.5)
+    build_report(tmp_path)
+    assert set(summarize(load_records(tmp_path))["by_tensor"]) == {"a"}
+
+
+def test_a_late_first_appearance_is_a_spike_unless_excluded(tmp_path):
+    """A coordinate whose first non-zero gradient comes at observation 60 has GSS = 60 there: a spike by the
+    paper's definition (and nullified), unless ``count_first_appearances=False``. A real spike of an
+    established coordinate is counted either way."""
+    found = {}
+    for count_first in (True, False):
+        p = torch.nn.Parameter(torch.zeros(2))
+        out = tmp_path / str(count_first)
+        with SpikeMonitor([("w", p)], out, flush_every=100, nullify=True,
+                          count_first_appearances=count_first) as monitor:
+            for step in range(1, 71):
+                g = torch.tensor([1.0, 0.0 if step < 60 else 1.0])
+                if step == 65:
+                    g[0] = 1000.0
+                p.grad = g
+                monitor.observe()
+                if step == 60:
+                    nullified_at_60 = p.grad[1].item() == 0.0
+        records = {r["step"]: r for r in _records(out)}
+        found[count_first] = (records[60]["spikes"], records[60]["max_gss"], nullified_at_60, records[65]["spikes"])
+    assert found[True] == (1, pytest.approx(60.0), True, 1)
+    assert found[False] == (0, pytest.approx(60.0), False, 1)
+
+
+def test_state_dict_continues_the_scores_and_drops_records_past_the_checkpoint(tmp_path):
+    """A monitor stopped after step 55 whose state was saved at step 40 (flushed there), replaced by a new one
+    that loads that state, writes exactly the records and scores of a monitor that ran 1…70 without a break."""
+    rng = np.random.default_rng(7)
+    grads = [(rng.standard_normal((4, 5)) * rng.lognormal(0, 2, (4, 5))).astype(np.float32) for _ in range(70)]
+    p = torch.nn.Parameter(torch.zeros(4, 5))
+    mode = {"norm.weight": "tensor"}
+
+    def monitor_for(out):
+        return SpikeMonitor([("w", p), ("norm.weight", q)], out, threshold=4.0, flush_every=15, mode=mode)
+
+    q = torch.nn.Parameter(torch.zeros(3))
+
+    def observe(monitor, step):
+        p.grad = torch.from_numpy(grads[step - 1])
+        q.grad = torch.full((3,), float(step % 7))
+        monitor.observe(step=step, loss=float(step))
+
+    with monitor_for(tmp_path / "whole") as whole:
+        for step in range(1, 71):
+            observe(whole, step)
+            if step == 40:
+                whole.flush()
+    interrupted = monitor_for(tmp_path / "resumed")
+    for step in range(1, 56):
+        observe(interrupted, step)
+        if step == 40:
+            interrupted.flush()
+            saved = torch.load(_roundtrip(interrupted.state_dict(), tmp_path), weights_only=True)
+    interrupted.flush()  # records past the checkpoint reach the file before the "kill"
+    interrupted._file.write('{"kind": "tensor", "st')  # a line cut short
+    interrupted._file.close()
+    with monitor_for(tmp_path / "resumed") as resumed:
+        resumed.load_state_dict(saved)
+        for step in range(41, 71):
+            observe(resumed, step)
+    assert load_records(tmp_path / "resumed") == load_records(tmp_path / "whole")
+
+
+def _roundtrip(state, tmp_path):
+    path = tmp_path / "monitor.pt"
+    torch.save(state, path)
+    return path

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -42,8 +43,20 @@ class SpikeMonitor:
       can be seen in the first ``threshold`` steps.
 
     ``mode`` is one string for all tensors, a ``{name: mode}`` dict (others default to ``"element"``) or a
-    callable ``(name, param) -> mode``. ``nullify=True`` is the paper's intervention: coordinates whose GSS
-    exceeds the threshold are zeroed **in ``p.grad``** before the optimizer sees them (element mode only).
+    callable ``(name, param) -> mode``; one monitor may mix both modes. ``nullify=True`` is the paper's
+    intervention: coordinates whose GSS exceeds the threshold are zeroed **in ``p.grad``** before the optimizer
+    sees them (element mode only).
+
+    First appearances: a coordinate whose first non-zero gradient comes at the ``n``-th observation has
+    ``GSS = n`` then (its running mean is that one value over ``n`` steps), so after ``threshold`` steps it
+    counts as a spike — typically the embedding rows of tokens first seen late — and ``nullify`` zeroes it.
+    ``count_first_appearances=False`` leaves such coordinates out of spike counts (and out of ``nullify``);
+    their GSS still enters ``max_gss`` and the histogram.
+
+    Steps are numbered from 1 (``observe()`` without ``step`` counts them), as the training metrics are. For a
+    resumable run, save :meth:`state_dict` with the checkpoint (after :meth:`flush`, so the file holds every
+    record up to that step) and call :meth:`load_state_dict` on resume: records after the checkpoint's step are
+    dropped from ``spikes.jsonl`` and the running statistics continue as if never interrupted.
 
     Statistics stay on the device and are copied to the host every ``flush_every`` steps, so monitoring adds
     no host synchronisation per step. With ``optimizer`` given, the optimizer's own per-step statistics
@@ -62,6 +75,7 @@ class SpikeMonitor:
         nullify: bool = False,
         optimizer: torch.optim.Optimizer | None = None,
         tensorboard: bool = False,
+        count_first_appearances: bool = True,
     ) -> None:
         if not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
             raise ValueError(f"Invalid threshold value: {threshold!r} (must be a finite number > 0)")
@@ -73,6 +87,7 @@ class SpikeMonitor:
         self.modes = [self._mode_of(mode, n, p) for n, p in zip(self.names, self.params)]
         self._position = {id(p): i for i, p in enumerate(self.params)}
         self.threshold, self.flush_every, self.nullify = float(threshold), flush_every, nullify
+        self.count_first_appearances = count_first_appearances
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._file = (self.run_dir / RECORDS_FILE).open("a", encoding="utf-8")
@@ -147,8 +162,11 @@ class SpikeMonitor:
         if total is None:
             total = self._abs_sums[index] = torch.zeros_like(magnitude)
         total.add_(magnitude)
+        first = None if self.count_first_appearances else (total == magnitude) & (magnitude > 0)
         gss = magnitude.mul_(self._counts[index]).div_(total).nan_to_num_(0.0)  # 0/0 where |g| was always 0
         spikes = gss > self.threshold
+        if first is not None:  # earlier gradients were all zero: no history to call this a spike against
+            spikes &= ~first
         count = spikes.sum()
         if self.nullify:
             grad.masked_fill_(spikes, 0.0)
@@ -164,6 +182,48 @@ class SpikeMonitor:
         clipped = {self._position[id(p)]: c for p, c in statistics["clipped"].items() if id(p) in self._position}
         self._pending.append(("optimizer", self.step, (clipped, statistics)))
 
+    # ------------------------------------------------------------------------------------ resume
+
+    def state_dict(self) -> dict[str, Any]:
+        """The running statistics (tensors and numbers, keyed by parameter name) and the step: what a checkpoint
+        needs to continue the scores exactly. Call :meth:`flush` first so the file is complete up to ``step``."""
+        return {
+            "step": self.step,
+            "counts": {self.names[i]: c for i, c in enumerate(self._counts) if c},
+            "abs_sums": {self.names[i]: s for i, s in self._abs_sums.items()},
+            "welford": {self.names[i]: {"count": c, "mean": m, "m2": m2} for i, (c, m, m2) in self._welford.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state_dict`: restore the statistics and drop the records written after its step
+        (and this instance's second ``meta`` record) from ``spikes.jsonl``."""
+        index = {name: i for i, name in enumerate(self.names)}
+        self.flush()
+        self.step = state["step"]
+        self._counts = [state["counts"].get(name, 0) for name in self.names]
+        self._abs_sums = {index[n]: s.to(self.params[index[n]].device) for n, s in state["abs_sums"].items()}
+        self._welford = {index[n]: (w["count"], w["mean"].to(self.params[index[n]].device),
+                                    w["m2"].to(self.params[index[n]].device)) for n, w in state["welford"].items()}
+        self._file.close()
+        path = self.run_dir / RECORDS_FILE
+        kept, seen_meta = [], False
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by the kill
+                continue
+            if record["kind"] == "meta":
+                if seen_meta:
+                    continue
+                seen_meta = True
+            elif record.get("to_step", record.get("step", 0)) > self.step:
+                continue
+            kept.append(line)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        os.replace(tmp, path)
+        self._file = path.open("a", encoding="utf-8")
+
     # ---------------------------------------------------------------------------------------- I/O
 
     def flush(self) -> None:
@@ -171,16 +231,16 @@ class SpikeMonitor:
         if not self._pending and self._histogram is None:
             return
         tensors = [item for kind, _, item in self._pending if kind == "tensor"]
-        host_rows = torch.stack([row for _, row in tensors]).cpu().tolist() if tensors else []
-        rows = iter(host_rows)
+        # Element-mode rows hold more values than tensor-mode rows: one flat transfer, then cut per record.
+        values = iter(torch.cat([row for _, row in tensors]).cpu().tolist() if tensors else [])
         for kind, step, item in self._pending:
             if kind == "loss":
                 self._write({"kind": "loss", "step": step, "loss": float(item)})
             elif kind == "tensor":
-                index, values = item[0], next(rows)
+                index = item[0]
                 fields = _ELEMENT_FIELDS if self.modes[index] == "element" else _TENSOR_FIELDS
                 record = {"kind": "tensor", "step": step, "name": self.names[index]}
-                record.update(zip(fields, values))
+                record.update((name, next(values)) for name in fields)
                 if "spikes" in record:
                     record["spikes"] = int(record["spikes"])
                 self._write(record)

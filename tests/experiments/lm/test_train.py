@@ -89,13 +89,45 @@ def test_resume_after_sigkill_is_bit_exact(small_run, optimizer):
     assert strip(_records(base.run_dir)) == strip(_records(whole.run_dir))
 
 
+def _spike_records(run_dir: str) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "spikes" / "spikes.jsonl").read_text().splitlines()]
+
+
 def test_spike_telemetry_is_written_with_spam_statistics(small_run):
-    run = replace(small_run, spikes=True, optimizer="spam", optimizer_args={"clip_delay": 0, "threshold": 1.0})
+    """--spikes writes the monitor's records with SPAM's clip counts, numbered like metrics.jsonl: the loss the
+    monitor saw at step s is the train_loss logged for step s (log_every=1), and SPAM's reset at τ = 5 is
+    recorded at step 5."""
+    run = replace(small_run, spikes=True, optimizer="spam",
+                  optimizer_args={"clip_delay": 0, "threshold": 1.0, "reset_interval": 5, "warmup_steps": 2})
     train(run)
-    records = [json.loads(line) for line in (Path(run.run_dir) / "spikes" / "spikes.jsonl").read_text().splitlines()]
+    records = _spike_records(run.run_dir)
     kinds = {r["kind"] for r in records}
     assert {"meta", "loss", "tensor", "optimizer"} <= kinds
     assert sum(sum(r["clipped"].values()) for r in records if r["kind"] == "optimizer") > 0
+    losses = {r["step"]: r["loss"] for r in records if r["kind"] == "loss"}
+    logged = {r["step"]: r["train_loss"] for r in _records(run.run_dir) if "train_loss" in r}
+    assert sorted(losses) == sorted(logged) == list(range(1, run.steps + 1))
+    assert all(losses[s] == pytest.approx(logged[s], rel=1e-6) for s in logged)
+    assert [r["step"] for r in records if r["kind"] == "optimizer" and r["reset"]] == [5]
+
+
+def test_spike_telemetry_resumes_after_sigkill_like_an_uninterrupted_run(small_run):
+    """Killed mid-run and resumed from its last checkpoint, a --spikes run ends with the same spikes.jsonl as a
+    run never interrupted: records written after the checkpoint are dropped, not repeated, and the running
+    statistics (GSS sums, z-score moments) come from the checkpoint instead of restarting at zero."""
+    base = replace(small_run, spikes=True, optimizer="spam", steps=40, checkpoint_every=4, eval_every=20,
+                   optimizer_args={"reset_interval": 5, "warmup_steps": 2, "clip_delay": 1, "threshold": 2.0})
+    whole = replace(base, run_dir=base.run_dir + "-whole")
+    train(whole)
+    metrics = Path(base.run_dir) / "metrics.jsonl"
+
+    def past_step_9() -> bool:
+        return metrics.exists() and any(r.get("step", 0) >= 9 for r in _records(base.run_dir) if r)
+
+    kill_and_resume(train_command(base), reached=past_step_9, resume=lambda: train(replace(base, resume=True)))
+    assert _spike_records(base.run_dir) == _spike_records(whole.run_dir)
+    assert_same_checkpoint(Path(whole.run_dir) / "checkpoint.pt", Path(base.run_dir) / "checkpoint.pt",
+                           keys=("model", "optimizer", "spike_monitor"))
 
 
 def test_tensorboard_scalars_are_written(small_run):

@@ -196,10 +196,10 @@ def _set_up(config: TrainConfig) -> Run:
                autocast)
 
 
-def _resume(run: Run) -> int:
-    """Restore the last checkpoint when asked and present; returns the step it holds (0: a fresh start)."""
+def _resume(run: Run) -> dict[str, Any]:
+    """Restore the last checkpoint when asked and present; returns the rest of it (``{}``: a fresh start)."""
     if not (run.config.resume and run.checkpoint_path.exists()):
-        return 0
+        return {}
     saved = checkpoint.load(run.checkpoint_path, model=run.model, optimizer=run.setup.optimizer,
                             distributed=run.processes.distributed)
     run.scheduler.load_state_dict(saved["scheduler"])
@@ -208,20 +208,24 @@ def _resume(run: Run) -> int:
     torch.set_rng_state(saved["rng"])
     if saved.get("cuda_rng") is not None and run.processes.device.type == "cuda":
         torch.cuda.set_rng_state(saved["cuda_rng"], run.processes.device)
-    return saved["step"]
+    return saved
 
 
-def _save(run: Run, step: int) -> None:
+def _save(run: Run, step: int, monitor: Any) -> None:
     device = run.processes.device
+    if monitor is not None:
+        monitor.flush()  # the spike records up to this step are on disk with the state that continues them
     checkpoint.save(run.checkpoint_path, model=run.model, optimizer=run.setup.optimizer, rank=run.processes.rank,
                     distributed=run.processes.distributed, scheduler=run.scheduler.state_dict(), step=step,
                     samples_seen=step * run.config.batch_size, rng=torch.get_rng_state(),
                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                    clipper=run.setup.clipper.state_dict() if run.setup.clipper else None, config=asdict(run.config))
+                    clipper=run.setup.clipper.state_dict() if run.setup.clipper else None, config=asdict(run.config),
+                    spike_monitor=monitor.state_dict() if monitor is not None else None)
 
 
-def _spike_monitor(run: Run) -> Any:
-    """The SpikeMonitor of ``--spikes`` on rank 0 (None otherwise); it needs whole gradients."""
+def _spike_monitor(run: Run, saved: dict[str, Any]) -> Any:
+    """The SpikeMonitor of ``--spikes`` on rank 0 (None otherwise), continued from the checkpoint ``saved``;
+    it needs whole gradients."""
     if not run.config.spikes:
         return None
     if run.config.parallel == "fsdp" and run.processes.distributed:
@@ -232,8 +236,11 @@ def _spike_monitor(run: Run) -> Any:
 
     core = run.model.module if hasattr(run.model, "module") else run.model
     optimizer = run.setup.optimizer
-    return SpikeMonitor(core, run.run_dir / "spikes",
-                        optimizer=optimizer if hasattr(optimizer, "record_statistics") else None)
+    monitor = SpikeMonitor(core, run.run_dir / "spikes",
+                           optimizer=optimizer if hasattr(optimizer, "record_statistics") else None)
+    if saved.get("spike_monitor") is not None:
+        monitor.load_state_dict(saved["spike_monitor"])
+    return monitor
 
 
 # ------------------------------------------------------------------------------------------- train
@@ -258,10 +265,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     """Train, evaluate, checkpoint; returns (and writes to ``summary.json``) the run's final numbers."""
     run = _set_up(config)
     processes, model, optimizer = run.processes, run.model, run.setup.optimizer
-    start = _resume(run)
+    saved = _resume(run)
+    start = saved.get("step", 0)
     metrics = Metrics(run.run_dir, config=asdict(config), resumed_step=start, enabled=processes.rank == 0,
                       tensorboard=config.tensorboard, wandb=config.wandb)
-    monitor = _spike_monitor(run)
+    monitor = _spike_monitor(run, saved)
     windows = TokenWindows(run.data.train, config.seq_len, config.seed)
     progress = None
     if config.progress and processes.rank == 0:
@@ -274,8 +282,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     for step in range(start, config.steps):
         step_loss = _forward_backward(run, windows, step)
         running_loss += step_loss
-        if monitor is not None:  # the raw gradients, before any clipping
-            monitor.observe(step=step, loss=step_loss)
+        if monitor is not None:  # the raw gradients, before any clipping; steps numbered as in the metrics
+            monitor.observe(step=step + 1, loss=step_loss)
         if config.grad_clip:
             torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
         if run.setup.clipper is not None:
@@ -299,7 +307,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             metrics.log(done, val_loss=val_loss, val_perplexity=perplexity(val_loss))
             clock = time.perf_counter()  # evaluation is not training throughput
         if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
-            _save(run, done)
+            _save(run, done, monitor)
             clock = time.perf_counter()
         if progress is not None:
             progress.update(1)
