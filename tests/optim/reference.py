@@ -1,4 +1,4 @@
-"""Float64 oracle for SPAM written from ../shared/spec/spam.md, independently of spamopt's implementation.
+"""Float64 oracle for SPAM written from the spec (docs/algorithm.md), independently of spamopt's implementation.
 
 It keeps the spec's counters literally (global step ``t`` from 0, warmup counter ``c`` from ``N + 1``,
 per-parameter ``k``), stores dense numpy moments, and for sparse parameters uses only the coordinates of the
@@ -14,11 +14,12 @@ import numpy as np
 
 class ReferenceSPAM:
     def __init__(self, params, *, lr, betas, eps, weight_decay, threshold, reset_interval, warmup_steps,
-                 clip_delay, bias_correction_reset=False, maximize=False):
+                 clip_delay, bias_correction_reset=False, maximize=False, reference_compat=False):
         self.params = [np.array(p, dtype=np.float64) for p in params]
         self.lr, (self.beta1, self.beta2), self.eps, self.wd = lr, betas, eps, weight_decay
         self.theta, self.interval, self.warmup, self.delay = threshold, reset_interval, warmup_steps, clip_delay
         self.bias_correction_reset, self.maximize = bias_correction_reset, maximize
+        self.reference_compat = reference_compat  # clip coordinates with v = 0 (to 0), as the released code
         self.m = [np.zeros_like(p) for p in self.params]
         self.v = [np.zeros_like(p) for p in self.params]
         self.k = [0 for _ in self.params]
@@ -51,6 +52,8 @@ class ReferenceSPAM:
             m, v, p = self.m[i], self.v[i], self.params[i]
             if self.theta > 0 and tau >= self.delay and (self.interval == 0 or tau % self.interval >= self.delay):
                 spike = (g * g > self.theta * v) & sel
+                if not self.reference_compat:
+                    spike &= v > 0
                 g[spike] = np.sign(g[spike]) * np.sqrt(self.theta * v[spike])
                 self.clipped += int(spike.sum())
             m[sel] = self.beta1 * m[sel] + (1 - self.beta1) * g[sel]

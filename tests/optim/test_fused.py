@@ -67,11 +67,13 @@ def _run(implementation: dict, dtype: torch.dtype, density: float, steps: int = 
 def test_fused_matches_the_for_loop(dtype, density):
     """Same parameters (fp32: 1e-5 relative; half precision: one unit in the last place, since both compute in
     fp32 and round once, but in a different operation order), same fp32 moments, bias-correction counts and
-    clip counts."""
+    clip counts. A half-precision value rounded one unit apart at one step keeps that absolute difference as it
+    later shrinks (measured: one bf16 coordinate, a unit apart at 0.0084, is 6.1e-5 apart at 0.0037), hence an
+    absolute 1e-4 beside the one-unit relative tolerance."""
     ref_params, ref_opt, ref_counts = _run({"foreach": False}, dtype, density)
     params, opt, counts = _run({"fused": True}, dtype, density)
     ulp = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
-    tolerance = {"rtol": ulp, "atol": 1e-6}
+    tolerance = {"rtol": ulp, "atol": 1e-6 if dtype == torch.float32 else 1e-4}
     for ref, got in zip(ref_params, params):
         torch.testing.assert_close(got, ref, **tolerance)
         ref_state, state = ref_opt.state[ref], opt.state[got]
@@ -86,7 +88,7 @@ def test_fused_matches_the_for_loop(dtype, density):
     assert ref_opt.state[ref_params[0]]["skipped_steps"] == 1
 
 
-@pytest.mark.parametrize("overrides", [{"maximize": True}, {"bias_correction_reset": True},
+@pytest.mark.parametrize("overrides", [{"maximize": True}, {"bias_correction_reset": True}, {"reference_compat": True},
                                        {"skip_nonfinite": False}, {"lr": torch.tensor(3e-3)}])
 def test_fused_matches_the_for_loop_for_each_option(overrides):
     ref_params, *_ = _run({"foreach": False}, torch.float32, 0.5, **overrides)

@@ -27,12 +27,15 @@ def _current_mask(opt, p):
     return sparse.unpack_mask(state["mask_bits"], p.numel()).view(p.shape).numpy().copy()
 
 
+@pytest.mark.parametrize("reference_compat", [False, True], ids=["v0_unclipped", "reference_compat"])
 @pytest.mark.parametrize("foreach", [False, True])
 @pytest.mark.parametrize("bias_correction_reset", [False, True])
-def test_trajectory_matches_float64_reference_over_three_periods(foreach, bias_correction_reset):
+def test_trajectory_matches_float64_reference_over_three_periods(foreach, bias_correction_reset, reference_compat):
     """Dense and sparse groups with per-group overrides, 1000x spikes, a lazily initialised parameter and
     a parameter that misses a step, over 27 steps (resets at 10 and 20, mask redraws after 9 and 19):
-    every parameter and every moment equals the spec's float64 oracle to rounding."""
+    every parameter and every moment equals the spec's float64 oracle to rounding, with coordinates whose v is
+    0 left unclipped (default) or clipped to 0 (``reference_compat``; the lazily initialised vector joins at
+    step 7, after the clip-free window, so the two modes differ on it)."""
     dense_shapes, sparse_shapes = [(24, 40), (17,)], [(64, 80), (9, 13), (5,)]
     steps = 27
     stream = spiky_gradients(dense_shapes + sparse_shapes, steps, seed=1)
@@ -41,8 +44,8 @@ def test_trajectory_matches_float64_reference_over_three_periods(foreach, bias_c
     params = [torch.nn.Parameter(torch.tensor(x)) for x in init]
     dense, sparse_group = params[:2], params[2:]
     opt = SPAM([{"params": dense}, {"params": sparse_group, **SPARSE_OVERRIDES}], foreach=foreach,
-               bias_correction_reset=bias_correction_reset, **HYPER)
-    common = dict(HYPER, bias_correction_reset=bias_correction_reset)
+               bias_correction_reset=bias_correction_reset, reference_compat=reference_compat, **HYPER)
+    common = dict(HYPER, bias_correction_reset=bias_correction_reset, reference_compat=reference_compat)
     ref_dense = ReferenceSPAM(init[:2], **common)
     ref_sparse = ReferenceSPAM(init[2:], **{**common, "lr": SPARSE_OVERRIDES["lr"],
                                             "threshold": SPARSE_OVERRIDES["threshold"]})
@@ -153,3 +156,59 @@ def test_warmup_multiplier_follows_the_spec_counter():
                 c = 0
     assert schedule.warmup_multiplier(500, 500, 150) == pytest.approx(0.01)
     assert schedule.warmup_multiplier(499, 500, 150) == 1.0
+
+
+def _embedding_run(reference_compat: bool, clip_delay: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
+    """An 8-row embedding whose rows 4-7 first get gradients at step 10 (tokens first seen late), clipping in
+    force from step ``clip_delay``; returns (initial, final) weights after 20 steps."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(8, 4)
+    start = embedding.weight.detach().clone()
+    opt = SPAM(embedding.parameters(), lr=1e-2, clip_delay=clip_delay, reference_compat=reference_compat)
+    for step in range(1, 21):
+        tokens = torch.tensor([0, 1, 2, 3] + ([4, 5, 6, 7] if step >= 10 else []))
+        opt.zero_grad()
+        embedding(tokens).pow(2).sum().backward()
+        opt.step()
+    return start, embedding.weight.detach()
+
+
+def test_rows_first_seen_late_move_unless_reference_compat():
+    """Rows whose first gradient comes after the clip-free window have v = 0: by default they are not clipped
+    and train; with ``reference_compat`` they are clipped to 0 and stay frozen, as in the released code. Rows
+    seen from the start move identically in both modes."""
+    start, default = _embedding_run(False)
+    _, compat = _embedding_run(True)
+    assert (default[4:] - start[4:]).abs().min() > 1e-3
+    assert torch.equal(compat[4:], start[4:])
+    assert torch.equal(default[:4], compat[:4]) and (default[:4] - start[:4]).abs().min() > 1e-3
+
+
+@pytest.mark.parametrize("clip_delay", [0, 1])
+def test_clip_delay_zero_or_one_trains(clip_delay):
+    """With clipping in force from the first step every v is 0 then: the repaired rule lets the model train
+    (the reference rule froze every parameter)."""
+    start, default = _embedding_run(False, clip_delay=clip_delay)
+    _, compat = _embedding_run(True, clip_delay=clip_delay)
+    assert (default - start).abs().min() > 1e-3
+    assert torch.equal(compat, start)
+
+
+def test_warmup_longer_than_the_period_warns():
+    with pytest.warns(UserWarning, match="warmup_steps=10 >= reset_interval=10"):
+        SPAM([torch.nn.Parameter(torch.zeros(2))], reset_interval=10, warmup_steps=10)
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_a_skipped_reset_step_still_zeroes_the_moments(foreach):
+    """A non-finite gradient on a reset step (τ = 5) skips the update, so the parameter and the bias-correction
+    count stay, but the reset belongs to the clock: the moments are zero afterwards."""
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = SPAM([p], lr=1e-2, reset_interval=5, warmup_steps=2, foreach=foreach)
+    for step in range(1, 6):
+        p.grad = torch.full((3,), float("nan") if step == 5 else 0.5)
+        before, k = p.detach().clone(), opt.state[p]["step"].clone() if opt.state else None
+        opt.step()
+    assert torch.equal(p.detach(), before) and torch.equal(opt.state[p]["step"], k)
+    assert opt.state[p]["exp_avg"].abs().max() == 0 and opt.state[p]["exp_avg_sq"].abs().max() == 0
+    assert opt.state[p]["skipped_steps"] == 1

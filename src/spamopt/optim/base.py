@@ -16,12 +16,17 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import sparse
+
 __all__ = [
     "GroupBatch",
     "SpikeAwareOptimizer",
     "check_flag",
     "check_integer",
     "check_number",
+    "gradient_copy",
+    "inverse_scale",
+    "real_view",
     "is_distributed_tensor",
     "local",
     "moment_dtype",
@@ -103,6 +108,31 @@ def is_distributed_tensor(tensor: Tensor) -> bool:
 def local(tensor: Tensor) -> Tensor:
     """The local shard of a DTensor (FSDP2): an elementwise step updates each rank's shard on its own."""
     return tensor.to_local() if is_distributed_tensor(tensor) else tensor
+
+
+def real_view(t: Tensor) -> Tensor:
+    """A complex tensor as its real view (pairs), a real one as itself."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
+def gradient_copy(grad: Tensor, mask: Tensor | None, keep: Tensor | None, maximize: bool, dtype: torch.dtype,
+                   inverse_scale: Tensor | None) -> Tensor:
+    """A private, finite, unscaled copy of the gradient in ``dtype`` (kept coordinates only for a sparse
+    parameter)."""
+    g = grad if mask is None else sparse.gather(grad, mask)
+    if keep is None:  # no skipping: non-finite coordinates count as zero gradient
+        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+    else:
+        g = torch.where(keep, g, 0.0)
+    g = g.to(dtype)
+    if inverse_scale is not None:
+        g.mul_(inverse_scale.to(g.device, non_blocking=True))
+    return g.neg_() if maximize else g
+
+
+def inverse_scale(grad_scale: Tensor | None) -> Tensor | None:
+    """``1 / grad_scale`` as a 0-dim float32 device tensor, as ``torch.amp.GradScaler.unscale_`` computes it."""
+    return None if grad_scale is None else grad_scale.double().reciprocal().float().reshape(())
 
 
 def all_finite(grads: list[Tensor]) -> Tensor | None:

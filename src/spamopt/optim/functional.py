@@ -12,7 +12,8 @@ For each parameter, with ``g`` a private copy of its gradient (``p.grad`` is nev
 
     if reset:            m, v ← 0, 0            (and k ← 0 when bias_correction_reset)
     k ← k + keep
-    if threshold > 0:    g ← clamp(g, −sqrt(θ·v), +sqrt(θ·v))   ≡ sign(g)·sqrt(θ·v) where g² > θ·v
+    if threshold > 0:    g ← clamp(g, −sqrt(θ·v), +sqrt(θ·v))   ≡ sign(g)·sqrt(θ·v) where g² > θ·v and v > 0
+                         (with clip_unseen, as the reference, also where v = 0: such g become 0)
     m ← β1·m + (1 − β1)·g
     v ← β2·v + (1 − β2)·g²
     p ← p − lr · s · sqrt(1 − β2^k) / (1 − β1^k) · m / (sqrt(v) + ε)
@@ -25,6 +26,7 @@ update runs on the gathered kept coordinates and is scattered back.
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from numbers import Number
@@ -33,6 +35,7 @@ import torch
 from torch import Tensor
 
 from . import sparse
+from .base import gradient_copy, inverse_scale, real_view
 
 __all__ = ["SpamStep", "spam"]
 
@@ -57,30 +60,7 @@ class SpamStep:
     bias_correction_reset: bool
     maximize: bool
     density: float = 1.0
-
-
-def _real(t: Tensor) -> Tensor:
-    return torch.view_as_real(t) if t.is_complex() else t
-
-
-def _gradient_copy(grad: Tensor, mask: Tensor | None, keep: Tensor | None, maximize: bool, dtype: torch.dtype,
-                   inverse_scale: Tensor | None) -> Tensor:
-    """A private, finite, unscaled copy of the gradient in ``dtype`` (kept coordinates only for a sparse
-    parameter)."""
-    g = grad if mask is None else sparse.gather(grad, mask)
-    if keep is None:  # no skipping: non-finite coordinates count as zero gradient
-        g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
-    else:
-        g = torch.where(keep, g, 0.0)
-    g = g.to(dtype)
-    if inverse_scale is not None:
-        g.mul_(inverse_scale.to(g.device, non_blocking=True))
-    return g.neg_() if maximize else g
-
-
-def _inverse(grad_scale: Tensor | None) -> Tensor | None:
-    """``1 / grad_scale`` as a 0-dim float32 device tensor, as ``torch.amp.GradScaler.unscale_`` computes it."""
-    return None if grad_scale is None else grad_scale.double().reciprocal().float().reshape(())
+    clip_unseen: bool = False  # clip coordinates whose v is 0 (to 0), as the reference code does
 
 
 def _step_sizes(steps: list[Tensor], h: SpamStep, scale: float | Tensor, dtype: torch.dtype) -> Tensor:
@@ -107,15 +87,15 @@ def _single_tensor_spam(
     clip_counts: list[Tensor | None] | None,
     grad_scale: Tensor | None,
 ) -> None:
-    inverse_scale = _inverse(grad_scale)
+    unscale = inverse_scale(grad_scale)
     for i, (param, grad, exp_avg, exp_avg_sq, step, bits) in enumerate(
         zip(params, grads, exp_avgs, exp_avg_sqs, steps, mask_bits)
     ):
-        param, grad, exp_avg, exp_avg_sq = _real(param), _real(grad), _real(exp_avg), _real(exp_avg_sq)
+        param, grad, exp_avg, exp_avg_sq = real_view(param), real_view(grad), real_view(exp_avg), real_view(exp_avg_sq)
         keep_here = None if keep is None else keep.to(param.device, non_blocking=True)
         keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
         mask = None if bits is None else sparse.unpack_mask(bits, param.numel())
-        g = _gradient_copy(grad, mask, keep_here, h.maximize, exp_avg.dtype, inverse_scale)
+        g = gradient_copy(grad, mask, keep_here, h.maximize, exp_avg.dtype, unscale)
         full = param.to(exp_avg.dtype)  # half-precision params: update in fp32, round once at the end
         work = full if mask is None else sparse.gather(full, mask)
 
@@ -128,6 +108,8 @@ def _single_tensor_spam(
 
         if h.threshold > 0:
             bound = exp_avg_sq.mul(h.threshold).sqrt_()
+            if not h.clip_unseen:  # v = 0: no history to call g a spike against
+                bound.masked_fill_(exp_avg_sq == 0, math.inf)
             if clip_counts is not None:
                 clip_counts[i] = torch.count_nonzero(g.abs() > bound)
             torch.minimum(g, bound, out=g)
@@ -162,9 +144,9 @@ def _multi_tensor_spam(
     clip_counts: list[Tensor | None] | None,
     grad_scale: Tensor | None,
 ) -> None:
-    inverse_scale = _inverse(grad_scale)
+    unscale = inverse_scale(grad_scale)
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    reals = [_real(p) for p in params]
+    reals = [real_view(p) for p in params]
     for i, p in enumerate(reals):
         buckets[(p.device, p.dtype)].append(i)
 
@@ -172,12 +154,12 @@ def _multi_tensor_spam(
         keep_here = None if keep is None else keep.to(device, non_blocking=True)
         keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
         originals = [reals[i] for i in index]
-        ms = [_real(exp_avgs[i]) for i in index]
+        ms = [real_view(exp_avgs[i]) for i in index]
         full = [p.to(m.dtype) for p, m in zip(originals, ms)]  # half precision: fp32 math, one rounding
-        vs = [_real(exp_avg_sqs[i]) for i in index]
+        vs = [real_view(exp_avg_sqs[i]) for i in index]
         ks = [steps[i] for i in index]
         bools = {i: sparse.unpack_mask(mask_bits[i], reals[i].numel()) for i in index if mask_bits[i] is not None}
-        gs = [_gradient_copy(_real(grads[i]), bools.get(i), keep_here, h.maximize, m.dtype, inverse_scale)
+        gs = [gradient_copy(real_view(grads[i]), bools.get(i), keep_here, h.maximize, m.dtype, unscale)
               for i, m in zip(index, ms)]
         work = [p if i not in bools else sparse.gather(p, bools[i]) for i, p in zip(index, full)]
 
@@ -191,6 +173,9 @@ def _multi_tensor_spam(
         if h.threshold > 0:
             bounds = torch._foreach_mul(vs, h.threshold)
             torch._foreach_sqrt_(bounds)
+            if not h.clip_unseen:
+                for bound, v in zip(bounds, vs):
+                    bound.masked_fill_(v == 0, math.inf)
             if clip_counts is not None:
                 for i, g, b in zip(index, gs, bounds):
                     clip_counts[i] = torch.count_nonzero(g.abs() > b)
@@ -240,7 +225,7 @@ def _fused_spam(
 ) -> None:
     from . import fused
 
-    inverse_scale = _inverse(grad_scale)
+    unscale = inverse_scale(grad_scale)
     by_device: dict[torch.device, list[int]] = defaultdict(list)
     for i, p in enumerate(params):
         if p.is_complex():
@@ -266,14 +251,15 @@ def _fused_spam(
             decay=1.0 - h.lr * h.weight_decay * keep_float,
             reset=reset_float,
             threshold=keep_float * 0 + threshold,
-            unscale=keep_float * 0 + (1.0 if inverse_scale is None else inverse_scale.to(device)),
+            unscale=keep_float * 0 + (1.0 if unscale is None else unscale.to(device)),
         )
         sizes = _step_sizes(ks, h, h.warmup_multiplier * keep_float.double(), torch.float32)
         counts: list[Tensor | None] | None = None if clip_counts is None else [None] * len(index)
         fused.fused_spam([params[i] for i in index], [grads[i] for i in index], [exp_avgs[i] for i in index],
                          [exp_avg_sqs[i] for i in index], list(sizes.unbind(0)), values,
                          [mask_bits[i] for i in index], beta1=h.beta1, beta2=h.beta2, eps=h.eps, density=h.density,
-                         skip=keep is not None, maximize=h.maximize, clip_counts=counts, num_warps=num_warps)
+                         skip=keep is not None, maximize=h.maximize, clip_unseen=h.clip_unseen, clip_counts=counts,
+                         num_warps=num_warps)
         if clip_counts is not None and (isinstance(h.threshold, Tensor) or h.threshold > 0):
             for k, i in enumerate(index):
                 clip_counts[i] = counts[k]

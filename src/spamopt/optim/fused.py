@@ -83,6 +83,7 @@ if triton is not None:
         beta1, beta2, eps, kept_per_stratum,
         PARAM: tl.constexpr, GRAD: tl.constexpr, MOMENT: tl.constexpr,
         SPARSE: tl.constexpr, SKIP: tl.constexpr, MAXIMIZE: tl.constexpr, COUNT_CLIPS: tl.constexpr,
+        CLIP_UNSEEN: tl.constexpr,
         ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
     ):
         program = tl.program_id(0)
@@ -131,6 +132,8 @@ if triton is not None:
         v = tl.load(v_ptr + moment_index, mask=lane, other=0.0).to(tl.float32) * (1.0 - reset)
 
         bound = tl.sqrt(v * threshold)
+        if not CLIP_UNSEEN:  # v = 0: no history to call g a spike against
+            bound = tl.where(v > 0.0, bound, float("inf"))
         clipping = threshold > 0.0
         if COUNT_CLIPS:
             clipped = tl.sum((lane & (tl.abs(g) > bound)).to(tl.int32), 0)
@@ -222,7 +225,8 @@ def fused_spam(
     density: float,
     skip: bool,
     maximize: bool,
-    clip_counts: list[Tensor | None] | None,
+    clip_unseen: bool = False,
+    clip_counts: list[Tensor | None] | None = None,
     num_warps: int | None = None,
 ) -> None:
     """One launch per (param dtype, grad dtype, moment dtype, sparse) bucket of real tensors on one device.
@@ -267,7 +271,7 @@ def fused_spam(
             *addresses.unbind(0), chunk_tensor, chunk_start, numels, sizes, *scalars, counts,
             beta1, beta2, eps, kept_per_stratum(density),
             PARAM=_TL_DTYPES[p_dtype], GRAD=_TL_DTYPES[g_dtype], MOMENT=_TL_DTYPES[m_dtype],
-            SPARSE=sparse, SKIP=skip, MAXIMIZE=maximize, COUNT_CLIPS=clip_counts is not None,
+            SPARSE=sparse, SKIP=skip, MAXIMIZE=maximize, COUNT_CLIPS=clip_counts is not None, CLIP_UNSEEN=clip_unseen,
             ALIGNED=aligned, BLOCK=CHUNK, num_warps=num_warps or NUM_WARPS,
         )
         for original, copy in staged:

@@ -6,6 +6,7 @@ optimizers (gathering, GradScaler, non-finite skips, DTensor, implementation cho
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -31,6 +32,7 @@ def _validate_group(group: dict[str, Any]) -> None:
     check_number("density", group["density"], 0.0, low_open=True, high=1.0, high_open=False,
                  accepted="must be in (0, 1]")
     check_flag("bias_correction_reset", group["bias_correction_reset"])
+    check_flag("reference_compat", group["reference_compat"])
     if group["capturable"] and group["density"] < 1.0:
         raise ValueError(f"Invalid density value: {group['density']} with capturable=True (sparse masks are "
                          "redrawn from the host's random generator, which a CUDA graph cannot replay; use 1.0)")
@@ -43,7 +45,9 @@ class SPAM(SpikeAwareOptimizer):
 
     * **spike-aware clipping** — before the moment update, every gradient coordinate with ``g² > θ·v``
       (``v`` the raw second moment before this step) becomes ``sign(g)·sqrt(θ·v)``; off for the first
-      ``clip_delay`` steps of training and of every reset period;
+      ``clip_delay`` steps of training and of every reset period. Coordinates whose ``v`` is still 0 have no
+      history to judge a spike by and are not clipped (``reference_compat=True``: clipped to 0, as the
+      authors' code does);
     * **momentum reset** — ``m`` and ``v`` are zeroed at the start of steps ``τ = ΔT, 2ΔT, …`` (``τ`` the
       1-based step index) and the update is multiplied by ``s(c) = 1 − 0.99·(1 + cos(π c/(N+1)))/2`` for
       the ``N`` steps after each reset (``c`` = steps since the reset; ``s = 1`` before the first reset);
@@ -69,7 +73,8 @@ class SPAM(SpikeAwareOptimizer):
         threshold: spike threshold θ; 0 disables clipping.
         reset_interval: ΔT, steps between momentum resets; 0 disables resets and mask redraws.
         warmup_steps: N, length of the post-reset cosine warmup; 0 disables it.
-        clip_delay: D, steps without clipping at the start and after each reset.
+        clip_delay: D, steps without clipping at the start and after each reset (0: clipping from the first
+            step on, which is safe because coordinates with ``v = 0`` are never clipped).
         density: fraction of each matrix's coordinates that keep moments, in ``(0, 1]``.
         bias_correction_reset: restart Adam's bias correction at each reset (the reference does not).
         maximize: maximise the objective (the gradient's sign is flipped on a private copy).
@@ -83,8 +88,14 @@ class SPAM(SpikeAwareOptimizer):
             the fused implementation, ``density=1`` and the same value in every group; give ``lr`` as a
             tensor on the device for a schedule to reach the graph.
         skip_nonfinite: when any gradient of the step holds NaN or Inf, skip the whole step (no parameter,
-            moment or bias-correction count changes; ``state['skipped_steps']`` counts them), decided on the
-            device without a host synchronisation. ``False`` treats non-finite coordinates as zero instead.
+            moment update or bias-correction count changes; ``state['skipped_steps']`` counts them), decided on
+            the device without a host synchronisation. ``False`` treats non-finite coordinates as zero instead.
+            A skipped step that falls on a reset step still zeroes the moments: the reset belongs to the clock,
+            not to the data, and skipping it would carry the pre-reset moments through a whole period (sparse
+            masks were already redrawn for it).
+        reference_compat: clip coordinates whose ``v`` is 0 to 0, as the authors' released code does; such
+            coordinates (a parameter or embedding row first stepped after the clip-free window, every
+            parameter when ``clip_delay`` is 0 or 1) then do not move until the next reset's window.
 
     Mixed precision: under ``torch.amp.GradScaler`` every implementation takes the scaler's loss scale and inf
     flag directly (``_step_supports_amp_scaling``, as torch's fused optimizers do): the gradients are unscaled
@@ -134,14 +145,21 @@ class SPAM(SpikeAwareOptimizer):
         fused: bool | None = None,
         capturable: bool = False,
         skip_nonfinite: bool = True,
+        reference_compat: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, threshold=threshold,
             reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay, density=density,
             bias_correction_reset=bias_correction_reset, maximize=maximize, foreach=foreach,
             fused=fused, capturable=capturable, skip_nonfinite=skip_nonfinite,
+            reference_compat=reference_compat,
         )
         super().__init__(params, defaults)
+        for group in self.param_groups:
+            if 0 < group["reset_interval"] <= group["warmup_steps"]:
+                warnings.warn(f"warmup_steps={group['warmup_steps']} >= reset_interval={group['reset_interval']}: "
+                              "the post-reset warmup never completes, so after the first reset every update is "
+                              "scaled by less than 1 for the rest of training", stacklevel=2)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -229,7 +247,8 @@ class SPAM(SpikeAwareOptimizer):
         settings = SpamStep(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"], threshold=threshold, reset=reset,
                             warmup_multiplier=multiplier, bias_correction_reset=group["bias_correction_reset"],
-                            maximize=group["maximize"], density=group["density"])
+                            maximize=group["maximize"], density=group["density"],
+                            clip_unseen=group["reference_compat"])
         states = [self.state[p] for p in params]
         clip_counts: list[Tensor | None] | None = [None] * len(params) if statistics is not None else None
         spam([local(p) for p in params], [local(g) for g in batch.grads], [local(s["exp_avg"]) for s in states],
