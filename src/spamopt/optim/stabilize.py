@@ -1,0 +1,179 @@
+r"""AdaClip and AdaGN, Stable-SPAM's two gradient transformations (Huang et al., arXiv 2502.17055), on their own:
+the per-tensor arithmetic :class:`spamopt.StableSPAM` uses, and :class:`AdaClipGN`, which puts them in front of
+any torch optimizer (the paper's Table 3 does so for Lion and Adam-mini).
+
+Per parameter tensor, with ``n`` the number of steps its statistics have seen (including this one) and ``g``
+a private copy of its gradient::
+
+    AdaClip  μ = max|g|;  M ← γ3·M + (1 − γ3)·μ;  M̂ = M / (1 − γ3^n)
+             where |g| > M̂:  g ← g · M̂/μ   ("scale", the paper's rule: the largest lands exactly on M̂)
+                             g ← sign(g)·M̂  ("clamp")
+    AdaGN    r = ‖g‖₂;  a ← γ1·a + (1 − γ1)·r;  b ← γ2·b + (1 − γ2)·r²
+             â = a / (1 − γ1^n);  b̂ = b / (1 − γ2^n);  if r > 0:  g ← g / r · â / (sqrt(b̂) + ε)
+
+All statistics are 0-dim tensors on the parameter's device (no host synchronisation). ``keep`` (0 for a
+skipped step) multiplies every change away, so a skipped step leaves the statistics as they were.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .base import all_finite, check_number, moment_dtype
+
+__all__ = ["AdaClipGN", "ADACLIP_MODES", "adaclip_", "adagn_", "new_statistics"]
+
+ADACLIP_MODES = ("scale", "clamp", "off")  # "off": StableSPAM's ablations only
+STATISTICS = ("stat_step", "max_ema", "norm_ema", "norm_sq_ema")  # n, M, a, b
+
+
+def new_statistics(param: Tensor, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
+    """Zeroed ``n, M, a, b`` for ``param`` (fp32 for half-precision parameters unless ``dtype`` is given)."""
+    dtype = dtype or moment_dtype(param.real.dtype if param.is_complex() else param.dtype)
+    return {key: torch.zeros((), dtype=dtype, device=param.device) for key in STATISTICS}
+
+
+def _ema_(average: Tensor, value: Tensor | float, gamma: float | Tensor, keep: float | Tensor) -> None:
+    """``average ← γ·average + (1 − γ)·value`` where ``keep`` is 1; unchanged where it is 0."""
+    average.mul_(1.0 - (1.0 - gamma) * keep).add_((1.0 - gamma) * keep * value)
+
+
+def _debiased(average: Tensor, gamma: float | Tensor, count: Tensor) -> Tensor:
+    """``average / (1 − γ^count)``, the correction in float64 (a float32 counter would round ``γ^count``).
+    ``count`` ≥ 1 after the first kept step; clamping spares a 0/0 when the very first step is skipped."""
+    correction = 1.0 - torch.pow(gamma, count.to(torch.float64).clamp(min=1.0))
+    return average / correction.to(average.dtype)
+
+
+def adaclip_(g: Tensor, max_ema: Tensor, count: Tensor, gamma3: float, keep: float | Tensor, mode: str) -> None:
+    """Clip ``g`` in place against the running maximum of ``max|g|`` (``count``: steps seen, this one included)."""
+    mu = g.abs().amax() if g.numel() else g.new_zeros(())
+    _ema_(max_ema, mu, gamma3, keep)
+    bound = _debiased(max_ema, gamma3, count).to(g.dtype)
+    spiked = g.abs() > bound
+    if mode == "scale":
+        clipped = g * (bound / mu)  # μ > 0 wherever a coordinate spiked
+    else:
+        clipped = torch.sign(g) * bound
+    torch.where(spiked, clipped, g, out=g)
+
+
+def adagn_(g: Tensor, norm_ema: Tensor, norm_sq_ema: Tensor, count: Tensor, gamma1: float | Tensor, gamma2: float,
+           eps: float, keep: float | Tensor) -> None:
+    """Rescale ``g`` in place so that its norm follows the running mean norm, normalised by the running RMS."""
+    r = torch.linalg.vector_norm(g).to(norm_ema.dtype)
+    _ema_(norm_ema, r, gamma1, keep)
+    _ema_(norm_sq_ema, r * r, gamma2, keep)
+    target = _debiased(norm_ema, gamma1, count) / (_debiased(norm_sq_ema, gamma2, count).sqrt() + eps)
+    g.mul_(torch.where(r > 0, target / r, 1.0).to(g.dtype))
+
+
+def validate_stabilizer(gamma1: float, gamma2: float, gamma3: float, eps: float, adaclip: str) -> None:
+    for name, value in (("gamma2", gamma2), ("gamma3", gamma3)):
+        check_number(name, value, 0.0, high=1.0, accepted="must be in [0, 1)")
+    if gamma1 != -1:
+        check_number("gamma1", gamma1, 0.0, high=1.0, accepted="must be in [0, 1), or -1 for beta1")
+    check_number("epsilon", eps, 0.0, accepted="must be a finite number >= 0")
+    if adaclip not in ADACLIP_MODES:
+        raise ValueError(f"Invalid adaclip value: {adaclip!r} (one of {', '.join(map(repr, ADACLIP_MODES))})")
+
+
+class AdaClipGN(Optimizer):
+    """Any torch optimizer behind AdaClip and AdaGN: ``AdaClipGN(torch.optim.AdamW(params, lr=1e-3))``.
+
+    Each ``step()`` hands the wrapped optimizer, for every parameter with a gradient, a transformed private
+    copy of the gradient (AdaClip, then AdaGN; module docstring) and puts the user's ``p.grad`` back afterwards,
+    unchanged. The statistics ``n, M, a, b`` live in the wrapped optimizer's per-parameter state under the keys
+    ``adaclipgn.stat_step`` etc., so ``state_dict``, ``load_state_dict``, ``torch.distributed.checkpoint`` and
+    LR schedulers see one optimizer (the parameter groups are the wrapped optimizer's). A step with a
+    non-finite gradient (``skip_nonfinite``) changes no statistic and passes zero gradients on, so the wrapped
+    optimizer's own update is the only change; use an optimizer that skips them itself if that matters.
+
+    Args:
+        optimizer: the optimizer to wrap (its param groups and state are shared, not copied).
+        gamma1: AdaGN's decay of the mean norm ``a`` (-1: the wrapped optimizer's ``betas[0]``).
+        gamma2: AdaGN's decay of the mean squared norm ``b``.
+        gamma3: AdaClip's decay of the running maximum ``M``.
+        eps: AdaGN's ε.
+        adaclip: ``"scale"`` (the paper's rule) or ``"clamp"``.
+    """
+
+    PREFIX = "adaclipgn."
+
+    def __init__(self, optimizer: Optimizer, *, gamma1: float = 0.7, gamma2: float = 0.9, gamma3: float = 0.999,
+                 eps: float = 1e-8, adaclip: str = "scale", skip_nonfinite: bool = True) -> None:
+        validate_stabilizer(gamma1, gamma2, gamma3, eps, adaclip)
+        if gamma1 == -1:
+            gamma1 = optimizer.defaults["betas"][0]
+        self.optimizer = optimizer
+        self.settings = dict(gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, eps=eps, adaclip=adaclip,
+                             skip_nonfinite=skip_nonfinite)
+        super().__init__(optimizer.param_groups, optimizer.defaults)  # the same group dicts
+        self._share()
+
+    def _share(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+
+    def __repr__(self) -> str:
+        return f"AdaClipGN({self.settings}, {self.optimizer!r})"
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        s = self.settings
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        keep = all_finite([p.grad for p in params]) if s["skip_nonfinite"] else None
+        originals, fresh = [], {}
+        for p in params:
+            stats = {k.removeprefix(self.PREFIX): v for k, v in self.state[p].items() if k.startswith(self.PREFIX)}
+            if not stats:
+                stats = fresh[p] = new_statistics(p)
+            dtype = stats["max_ema"].dtype
+            if keep is None:  # non-finite coordinates count as zero
+                g = torch.nan_to_num(p.grad.to(dtype), nan=0.0, posinf=0.0, neginf=0.0)
+            else:
+                g = torch.where(keep, p.grad, 0).to(dtype)
+            keep_value: float | Tensor = 1.0 if keep is None else keep.to(dtype)
+            stats["stat_step"].add_(keep_value)
+            real = torch.view_as_real(g) if g.is_complex() else g
+            adaclip_(real, stats["max_ema"], stats["stat_step"], s["gamma3"], keep_value, s["adaclip"])
+            adagn_(real, stats["norm_ema"], stats["norm_sq_ema"], stats["stat_step"], s["gamma1"], s["gamma2"],
+                   s["eps"], keep_value)
+            originals.append((p, p.grad))
+            p.grad = g.to(p.grad.dtype)
+        try:
+            self.optimizer.step()
+        finally:
+            for p, grad in originals:
+                p.grad = grad
+        for p, stats in fresh.items():  # after the wrapped optimizer created its own state lazily
+            self.state[p].update({self.PREFIX + k: v for k, v in stats.items()})
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load into the wrapped optimizer; the statistics keep their own dtype (torch would cast them to the
+        parameter's)."""
+        saved = {pid: {k: v for k, v in entries.items() if k.startswith(self.PREFIX)}
+                 for pid, entries in state_dict["state"].items()}
+        self.optimizer.load_state_dict(state_dict)
+        self._share()
+        params = [p for group in self.param_groups for p in group["params"]]
+        ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        for pid, p in zip(ids, params):
+            for key, value in saved.get(pid, {}).items():
+                self.state[p][key] = value.to(p.device) if isinstance(value, Tensor) else value

@@ -1,0 +1,186 @@
+r"""Stable-SPAM's update, written once per implementation: a for-loop reference and a multi-tensor (foreach)
+path, tested to agree. The caller (:class:`spamopt.StableSPAM`) passes this step's decisions (reset or not,
+the momentum multiplier σ) as plain values; the skip flag and every statistic stay on the device.
+
+For each parameter, with ``g`` a private fp32 (or float64) copy of its gradient, unscaled when a
+``torch.amp.GradScaler`` scaled the loss (``p.grad`` is never written)::
+
+    p ← p · (1 − lr·wd)                                        decoupled weight decay, first
+    n ← n + 1;  g ← AdaClip(g);  g ← AdaGN(g) with γ1·σ          (:mod:`.stabilize`)
+    if reset:  m, v, k ← 0, 0, 0                                  MoRet, before the update
+    k ← k + 1;  β1' = β1·σ
+    m ← β1'·m + (1 − β1')·g;  v ← β2·v + (1 − β2)·g²
+    p ← p − lr / (1 − β1'^k) · m / (sqrt(v) / sqrt(1 − β2^k) + ε)
+
+``reference_compat``: one counter ``c`` (``k``) drives every bias correction; a reset sets ``c = 1`` and takes
+effect one step late: the reset step still updates and uses the old ``m, v`` with ``c = 1`` bias corrections,
+then stores zeros. ``keep`` = 0 (a skipped step) multiplies every change away, except the reset, which belongs
+to the clock.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .base import gradient_copy, inverse_scale, real_view
+from .stabilize import adaclip_, adagn_
+
+__all__ = ["StableStep", "stable_spam"]
+
+
+@dataclass(frozen=True)
+class StableStep:
+    """One parameter group's hyperparameters and this step's decisions (``gamma1`` already times σ)."""
+
+    lr: float | Tensor
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+    gamma1: float
+    gamma2: float
+    gamma3: float
+    sigma: float
+    reset: bool
+    adaclip: str
+    adagn: bool
+    maximize: bool
+    reference_compat: bool
+
+
+def _stabilize(g: Tensor, stats: dict[str, Tensor], counter: Tensor, h: StableStep, keep: float | Tensor) -> None:
+    counter.add_(keep)
+    if h.adaclip != "off":
+        adaclip_(g, stats["max_ema"], counter, h.gamma3, keep, h.adaclip)
+    if h.adagn:
+        adagn_(g, stats["norm_ema"], stats["norm_sq_ema"], counter, h.gamma1, h.gamma2, h.eps, keep)
+
+
+def _bias_corrections(k: Tensor, h: StableStep) -> tuple[Tensor, Tensor]:
+    """``(1 − β1'^k, sqrt(1 − β2^k))`` in float64 (``k`` clamped to 1: a skipped first step gives 0/0)."""
+    k = k.to(torch.float64).clamp(min=1.0)
+    return 1.0 - torch.pow(h.beta1 * h.sigma, k), (1.0 - torch.pow(h.beta2, k)).sqrt()
+
+
+def _reset_first(m: list[Tensor], v: list[Tensor], k: list[Tensor], h: StableStep) -> None:
+    """MoRet before the update (default), or the reference's counter reset to 1 (its moments later)."""
+    if not h.reset:
+        return
+    if h.reference_compat:
+        torch._foreach_zero_(k)
+        torch._foreach_add_(k, 1.0)
+    else:
+        torch._foreach_zero_(m)
+        torch._foreach_zero_(v)
+        torch._foreach_zero_(k)
+
+
+def _single_tensor_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                               exp_avg_sqs: list[Tensor], steps: list[Tensor], statistics: list[dict[str, Tensor]],
+                               h: StableStep, *, keep: Tensor | None, grad_scale: Tensor | None) -> None:
+    unscale = inverse_scale(grad_scale)
+    beta1 = h.beta1 * h.sigma
+    for param, grad, m, v, k, stats in zip(params, grads, exp_avgs, exp_avg_sqs, steps, statistics):
+        param, grad, m, v = real_view(param), real_view(grad), real_view(m), real_view(v)
+        keep_here = None if keep is None else keep.to(param.device, non_blocking=True)
+        keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
+        g = gradient_copy(grad, None, keep_here, h.maximize, m.dtype, unscale)
+        full = param.to(m.dtype)  # half-precision params: update in fp32, round once at the end
+        if h.weight_decay != 0:
+            full.mul_(1.0 - h.lr * h.weight_decay * keep_float)
+        _stabilize(g, stats, k if h.reference_compat else stats["stat_step"], h, keep_float)
+
+        _reset_first([m], [v], [k], h)
+        if not h.reference_compat:
+            k.add_(keep_float)
+        m.mul_(1.0 - (1.0 - beta1) * keep_float).add_(g, alpha=1.0 - beta1)
+        v.mul_(1.0 - (1.0 - h.beta2) * keep_float).addcmul_(g, g, value=1.0 - h.beta2)
+        correction1, correction2 = _bias_corrections(k, h)
+        step_size = (-h.lr * keep_float / correction1).to(m.dtype)
+        denominator = v.sqrt().div_(correction2.to(m.dtype)).add_(h.eps)
+        full.addcdiv_(m.mul(step_size), denominator)
+        if h.reset and h.reference_compat:  # the reference stores the fresh zeros after using the old moments
+            m.zero_()
+            v.zero_()
+        if full is not param:
+            param.copy_(full)
+
+
+def _multi_tensor_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                              exp_avg_sqs: list[Tensor], steps: list[Tensor], statistics: list[dict[str, Tensor]],
+                              h: StableStep, *, keep: Tensor | None, grad_scale: Tensor | None) -> None:
+    unscale = inverse_scale(grad_scale)
+    beta1 = h.beta1 * h.sigma
+    reals = [real_view(p) for p in params]
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, p in enumerate(reals):
+        buckets[(p.device, p.dtype)].append(i)
+    for (device, _), index in buckets.items():
+        keep_here = None if keep is None else keep.to(device, non_blocking=True)
+        keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
+        originals = [reals[i] for i in index]
+        ms = [real_view(exp_avgs[i]) for i in index]
+        vs = [real_view(exp_avg_sqs[i]) for i in index]
+        ks = [steps[i] for i in index]
+        full = [p.to(m.dtype) for p, m in zip(originals, ms)]
+        gs = [gradient_copy(real_view(grads[i]), None, keep_here, h.maximize, m.dtype, unscale)
+              for i, m in zip(index, ms)]
+        if h.weight_decay != 0:
+            decay = 1.0 - h.lr * h.weight_decay * keep_float
+            torch._foreach_mul_(full, decay if isinstance(decay, float) else decay.to(ms[0].dtype))
+        for g, i, k in zip(gs, index, ks):  # per-tensor statistics: 0-dim work beside two passes over g
+            _stabilize(g, statistics[i], k if h.reference_compat else statistics[i]["stat_step"], h, keep_float)
+
+        _reset_first(ms, vs, ks, h)
+        if not h.reference_compat:
+            torch._foreach_add_(ks, keep_float if isinstance(keep_float, float) else [keep_float.float()] * len(ks))
+        torch._foreach_mul_(ms, 1.0 - (1.0 - beta1) * keep_float)
+        torch._foreach_add_(ms, gs, alpha=1.0 - beta1)
+        torch._foreach_mul_(vs, 1.0 - (1.0 - h.beta2) * keep_float)
+        torch._foreach_addcmul_(vs, gs, gs, value=1.0 - h.beta2)
+        del gs
+        corrections = [_bias_corrections(k, h) for k in ks]
+        denominators = torch._foreach_sqrt(vs)
+        torch._foreach_div_(denominators, [c2.to(m.dtype) for (_, c2), m in zip(corrections, ms)])
+        torch._foreach_add_(denominators, h.eps)
+        updates = torch._foreach_mul(ms, [(-h.lr * keep_float / c1).to(m.dtype) for (c1, _), m in zip(corrections, ms)])
+        torch._foreach_addcdiv_(full, updates, denominators)
+        if h.reset and h.reference_compat:
+            torch._foreach_zero_(ms)
+            torch._foreach_zero_(vs)
+        for p, f in zip(originals, full):
+            if f is not p:
+                p.copy_(f)
+
+
+def stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                steps: list[Tensor], statistics: list[dict[str, Tensor]], h: StableStep, *, keep: Tensor | None,
+                implementation: str = "forloop", grad_scale: Tensor | None = None) -> None:
+    """Functional Stable-SPAM step over parallel lists (module docstring for the math).
+
+    ``steps`` are the Adam counts ``k`` (0-dim tensors, updated in place); ``statistics[i]`` holds parameter
+    ``i``'s ``stat_step`` (n; absent in ``reference_compat``, where ``k`` is the one counter), ``max_ema``,
+    ``norm_ema`` and ``norm_sq_ema``. ``keep``: 0-dim boolean, False to skip; None counts non-finite
+    coordinates as zero. ``implementation``: ``"foreach"`` or ``"forloop"``.
+    """
+    arrays = (params, grads, exp_avgs, exp_avg_sqs, steps, statistics)
+    if implementation == "foreach":
+        _multi_tensor_stable_spam(*arrays, h, keep=keep, grad_scale=grad_scale)
+    elif implementation == "forloop":
+        _single_tensor_stable_spam(*arrays, h, keep=keep, grad_scale=grad_scale)
+    else:
+        raise ValueError(f"Invalid implementation value: {implementation!r} (StableSPAM: 'foreach' or 'forloop')")
+
+
+def momentum_multiplier(step: int, total_steps: int | None, eta_min: float, clamp: bool = True) -> float:
+    """σ_τ = η + (1 − η)·(1 + cos(π·min(τ, T)/(T + 1)))/2 (1 without a schedule); ``clamp=False`` lets τ pass T,
+    where the reference's σ rises again."""
+    if total_steps is None:
+        return 1.0
+    tau = min(step, total_steps) if clamp else step
+    return eta_min + (1.0 - eta_min) * (1.0 + math.cos(math.pi * tau / (total_steps + 1))) / 2.0
