@@ -88,3 +88,33 @@ def test_a_registered_name_is_built_and_a_duplicate_refused(monkeypatch):
     assert isinstance(build_optimizer("sgd", Llama(CONFIGS["tiny"]), LAYOUT, lr=0.1).optimizer, torch.optim.SGD)
     with pytest.raises(ValueError, match="Invalid optimizer name: 'spam'"):
         register_optimizer("spam", lambda *args: None)
+
+
+@pytest.mark.parametrize("name", ["adamw+adagn", "lion+adagn", "adam-mini+adagn", "stable-spam"])
+def test_stable_spam_and_wrapped_baselines_build_and_train(name):
+    """``stable-spam`` and ``NAME+adagn`` (the paper's Table 3: a baseline behind AdaClip + AdaGN) come from the
+    registry; wrapper options reach the wrapper, the rest the wrapped optimizer; ten steps lower the loss."""
+    from spamopt import AdaClipGN, StableSPAM
+
+    if name.startswith(("lion", "adam-mini")):
+        pytest.importorskip(name.split("+")[0].replace("-", "_").replace("lion", "lion_pytorch"))
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"])
+    options = {"gamma3": 0.99} if name.endswith("+adagn") else {"adaclip": "off", "adagn": False}
+    optimizer = build_optimizer(name, model, LAYOUT, lr=3e-3, options=options).optimizer
+    if name == "stable-spam":
+        assert isinstance(optimizer, StableSPAM) and optimizer.defaults["adagn"] is False
+    else:
+        assert isinstance(optimizer, AdaClipGN) and optimizer.settings["gamma3"] == 0.99
+    tokens = torch.randint(0, 256, (4, 33), generator=torch.Generator().manual_seed(1))
+    losses = []
+    for _ in range(10):
+        optimizer.zero_grad()
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+    with pytest.raises(ValueError, match=r"Invalid optimizer value: 'sgd\+adagn'"):
+        build_optimizer("sgd+adagn", model, LAYOUT, lr=1e-3)

@@ -57,17 +57,20 @@ def test_gradient_accumulation_matches_the_full_batch(small_run):
     assert differences.median() <= 1e-7 and differences.max() <= 1e-4, (differences.median(), differences.max())
 
 
-@pytest.mark.parametrize("optimizer", ["spam", "spam-sparse", "zclip"])
+@pytest.mark.parametrize("optimizer", ["spam", "spam-sparse", "zclip", "stable-spam", "adamw+adagn"])
 def test_resume_after_sigkill_is_bit_exact(small_run, optimizer):
     """A training process killed with SIGKILL mid-run (possibly while writing a checkpoint) resumes from its
     last whole checkpoint and ends with exactly the weights, optimizer state and logged losses of a run that
     was never interrupted. SPAM resets every 5 steps and its sparse masks are redrawn, so the resumed part
-    crosses a reset; ZClip's running statistics are part of the checkpoint."""
+    crosses a reset; ZClip's running statistics are part of the checkpoint, and so are Stable-SPAM's (MoRet
+    every 5 steps) and AdaClipGN's statistics inside the wrapped AdamW's state."""
     if optimizer == "zclip":
         pytest.importorskip("zclip")
+    options = {"spam": {"reset_interval": 5, "warmup_steps": 2, "clip_delay": 1, "threshold": 2.0},
+               "stable-spam": {"reset_interval": 5}}
+    options["spam-sparse"] = options["spam"]
     base = replace(small_run, optimizer=optimizer, steps=48, checkpoint_every=4, eval_every=12,
-                   optimizer_args={} if optimizer == "zclip" else {"reset_interval": 5, "warmup_steps": 2,
-                                                                    "clip_delay": 1, "threshold": 2.0})
+                   optimizer_args=options.get(optimizer, {}))
     whole = replace(base, run_dir=base.run_dir + "-whole")
     train(whole)
 

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from spamopt import SPAM
+from spamopt import SPAM, AdaClipGN, StableSPAM
 from spamopt.extras import require
 
 from .checkpoint import register_state_object
@@ -167,7 +167,21 @@ def _spam_sparse(model: nn.Module, layout: ModelLayout, lr: float, weight_decay:
     return OptimizerSetup(SPAM(groups, lr=lr, weight_decay=weight_decay, **options))
 
 
+def _stable_spam(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+                 options: dict[str, Any]) -> OptimizerSetup:
+    # Every tensor, embeddings, norms and head included, as in the paper; options reach the constructor
+    # ({"adaclip": "off", "adagn": false} is the paper's Adam + MoRet ablation, and so on).
+    preset = options.pop("preset", None)
+    if preset is not None:
+        return OptimizerSetup(StableSPAM.from_preset(preset, model.parameters(), lr=lr, weight_decay=weight_decay,
+                                                     **options))
+    return OptimizerSetup(StableSPAM(model.parameters(), lr=lr, weight_decay=weight_decay, **options))
+
+
 Builder = Callable[[nn.Module, ModelLayout, float, float, dict[str, Any]], OptimizerSetup]
+
+WRAPPED = "+adagn"  # "<name>+adagn": a registered optimizer behind AdaClip and AdaGN (the paper's Table 3)
+_WRAPPER_OPTIONS = ("gamma1", "gamma2", "gamma3", "eps_adagn", "adaclip")
 
 OPTIMIZERS: dict[str, Builder] = {
     "adamw": _adamw,
@@ -179,6 +193,7 @@ OPTIMIZERS: dict[str, Builder] = {
     "zclip": _zclip,
     "spam": _spam,
     "spam-sparse": _spam_sparse,
+    "stable-spam": _stable_spam,
 }
 
 # GaLore keeps its projector object in the optimizer state; checkpoints may rebuild it.
@@ -195,10 +210,19 @@ def register_optimizer(name: str, builder: Builder) -> None:
 def build_optimizer(name: str, model: nn.Module, layout: ModelLayout, *, lr: float, weight_decay: float = 0.0,
                     options: dict[str, Any] | None = None) -> OptimizerSetup:
     """The optimizer ``name`` for ``model`` (unwrapped, or FSDP2-sharded) described by ``layout``; ``options``
-    are passed to its constructor (SPAM's ``reset_interval``, GaLore's ``rank``, ZClip's ``z_thresh``, ...)."""
-    if name not in OPTIMIZERS:
-        raise ValueError(f"Invalid optimizer value: {name!r} (one of {', '.join(OPTIMIZERS)})")
-    return OPTIMIZERS[name](model, layout, lr, weight_decay, dict(options or {}))
+    are passed to its constructor (SPAM's ``reset_interval``, GaLore's ``rank``, ZClip's ``z_thresh``, ...).
+    ``"<name>+adagn"`` wraps optimizer ``name`` in :class:`spamopt.AdaClipGN`; the options ``gamma1``,
+    ``gamma2``, ``gamma3``, ``adaclip`` and ``eps_adagn`` go to the wrapper, the rest to ``name``."""
+    options = dict(options or {})
+    base = name.removesuffix(WRAPPED)
+    if base not in OPTIMIZERS:
+        raise ValueError(f"Invalid optimizer value: {name!r} (one of {', '.join(OPTIMIZERS)}, or any of them "
+                         f"followed by {WRAPPED})")
+    if base == name:
+        return OPTIMIZERS[name](model, layout, lr, weight_decay, options)
+    wrapper = {key.removesuffix("_adagn"): options.pop(key) for key in _WRAPPER_OPTIONS if key in options}
+    setup = OPTIMIZERS[base](model, layout, lr, weight_decay, options)
+    return OptimizerSetup(AdaClipGN(setup.optimizer, **wrapper), setup.clipper)
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:

@@ -22,7 +22,8 @@ from ..harness.runner import parse_list, run_dir, run_grid
 from .train import TrainConfig, train
 
 # The paper's SPAM schedule (ΔT=500, N=150, D=20 over 10k+ steps) never resets in a few hundred steps; the
-# default comparison is 200 steps, so it resets every 75 with a 20-step warmup. Pass '{}' for paper values.
+# default comparison is 200 steps, so it resets every 75 with a 20-step warmup (Stable-SPAM's MoRet, ΔT=1000
+# in the paper, every 75 too). Pass '{}' for paper values.
 SHORT_RUN_SPAM = {"reset_interval": 75, "warmup_steps": 20, "clip_delay": 10}
 
 
@@ -32,7 +33,8 @@ class CompareConfig:
     seeds: str = option("0,1", "comma-separated seeds")
     out_dir: str = option("runs/compare", "runs go to OUT/<optimizer>/seed<k>; the report to OUT")
     optimizer_args: dict[str, dict[str, Any]] = field(
-        default_factory=lambda: {"spam": dict(SHORT_RUN_SPAM), "spam-sparse": dict(SHORT_RUN_SPAM)},
+        default_factory=lambda: {"spam": dict(SHORT_RUN_SPAM), "spam-sparse": dict(SHORT_RUN_SPAM),
+                                 "stable-spam": {"reset_interval": SHORT_RUN_SPAM["reset_interval"]}},
         metadata={"help": "JSON: optimizer name → constructor options; an lr entry overrides the shared lr "
                           "(default: SPAM's schedule scaled to 200 steps; '{}' for the paper's)"})
 

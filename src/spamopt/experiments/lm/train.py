@@ -46,7 +46,7 @@ class TrainConfig:
     batch_size: int = option(16, "sequences per optimizer step, over all processes and micro-steps")
     micro_batch_size: int = option(0, "sequences per process per forward pass; 0: batch_size / processes")
     optimizer: str = option("spam", "adamw, adam-clip, adafactor, lion, adam-mini, galore, zclip, spam, "
-                                    "spam-sparse")
+                                    "spam-sparse, stable-spam; NAME+adagn wraps NAME in AdaClip + AdaGN")
     optimizer_args: dict[str, Any] = option(dict, "JSON object passed to the optimizer's constructor")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(0.0, "decoupled weight decay")
