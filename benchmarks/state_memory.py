@@ -1,5 +1,6 @@
 """Optimizer-state bytes of SPAM on the paper's LLaMA shapes: dense, density 0.25 on attention and MLP
-matrices (the paper's grouping), and density 0.25 on every matrix (embedding and head included).
+matrices (the paper's grouping), and density 0.25 on every matrix (embedding and head included); beside them
+torch's AdamW and StableSPAM (Adam's state plus a few scalars per tensor).
 
 State is device-independent, so this runs on the CPU: each parameter is stepped once by its own SPAM instance
 and the bytes of the state it creates (moments, bitmask, counters) are summed, then freed. fp32 parameters.
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from spamopt import SPAM
+from spamopt import SPAM, StableSPAM
 from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
 
 
@@ -25,16 +26,20 @@ def _variants(name: str, shape: tuple[int, ...]) -> dict[str, float]:
     return {"dense": 1.0, "sparse25_blocks": 0.25 if block else 1.0, "sparse25_all_matrices": 0.25 if matrix else 1.0}
 
 
+def _bytes(opt: torch.optim.Optimizer, param: torch.nn.Parameter) -> int:
+    opt.step()
+    return sum(t.numel() * t.element_size() for t in opt.state[param].values() if isinstance(t, torch.Tensor))
+
+
 def state_bytes(model: str) -> dict[str, int]:
-    totals = {"dense": 0, "sparse25_blocks": 0, "sparse25_all_matrices": 0}
+    totals = {"dense": 0, "sparse25_blocks": 0, "sparse25_all_matrices": 0, "adamw": 0, "stable_spam": 0}
     for name, shape in CONFIGS[model].parameter_shapes().items():
         param = torch.nn.Parameter(torch.zeros(shape))
         param.grad = torch.zeros(shape)
         for variant, density in _variants(name, shape).items():
-            opt = SPAM([param], density=density)
-            opt.step()
-            totals[variant] += sum(t.numel() * t.element_size() for t in opt.state[param].values())
-            del opt
+            totals[variant] += _bytes(SPAM([param], density=density), param)
+        totals["adamw"] += _bytes(torch.optim.AdamW([param]), param)
+        totals["stable_spam"] += _bytes(StableSPAM([param]), param)
     return totals
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from spamopt import SPAM
+from spamopt import SPAM, StableSPAM
 from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
 from spamopt.optim import fused
 
@@ -62,6 +62,8 @@ def _candidates(named, device: str, num_warps: list[int]) -> dict:
         "spam_forloop": lambda: SPAM(params, lr=1e-3, foreach=False, clip_delay=0),
         "spam_foreach": lambda: SPAM(params, lr=1e-3, foreach=True, clip_delay=0),
         "spam_sparse25_foreach": lambda: SPAM(sparse_groups, lr=1e-3, foreach=True, clip_delay=0),
+        "stable_spam_forloop": lambda: StableSPAM(params, lr=1e-3, foreach=False),
+        "stable_spam_foreach": lambda: StableSPAM(params, lr=1e-3, foreach=True),
     }
     try:
         import pytorch_optimizer

@@ -135,6 +135,22 @@ def inverse_scale(grad_scale: Tensor | None) -> Tensor | None:
     return None if grad_scale is None else grad_scale.double().reciprocal().float().reshape(())
 
 
+def buckets_by_device_and_dtype(tensors: list[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), the unit a multi-tensor (foreach) kernel takes."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault((t.device, t.dtype), []).append(i)
+    return buckets
+
+
+def keep_on(keep: Tensor | None, device: torch.device) -> tuple[Tensor | None, float | Tensor]:
+    """The step's skip flag on ``device`` (or None) and as a float64 multiplier (1.0 when nothing skips)."""
+    if keep is None:
+        return None, 1.0
+    here = keep.to(device, non_blocking=True)
+    return here, here.to(torch.float64)
+
+
 def all_finite(grads: list[Tensor]) -> Tensor | None:
     """One 0-dim boolean: are all gradients finite? Computed on the device, no host synchronisation."""
     if not grads:

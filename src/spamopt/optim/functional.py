@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from . import sparse
-from .base import gradient_copy, inverse_scale, real_view
+from .base import buckets_by_device_and_dtype, gradient_copy, inverse_scale, keep_on, real_view
 
 __all__ = ["SpamStep", "spam"]
 
@@ -92,8 +92,7 @@ def _single_tensor_spam(
         zip(params, grads, exp_avgs, exp_avg_sqs, steps, mask_bits)
     ):
         param, grad, exp_avg, exp_avg_sq = real_view(param), real_view(grad), real_view(exp_avg), real_view(exp_avg_sq)
-        keep_here = None if keep is None else keep.to(param.device, non_blocking=True)
-        keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
+        keep_here, keep_float = keep_on(keep, param.device)
         mask = None if bits is None else sparse.unpack_mask(bits, param.numel())
         g = gradient_copy(grad, mask, keep_here, h.maximize, exp_avg.dtype, unscale)
         full = param.to(exp_avg.dtype)  # half-precision params: update in fp32, round once at the end
@@ -145,14 +144,9 @@ def _multi_tensor_spam(
     grad_scale: Tensor | None,
 ) -> None:
     unscale = inverse_scale(grad_scale)
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     reals = [real_view(p) for p in params]
-    for i, p in enumerate(reals):
-        buckets[(p.device, p.dtype)].append(i)
-
-    for (device, dtype), index in buckets.items():
-        keep_here = None if keep is None else keep.to(device, non_blocking=True)
-        keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
+    for (device, _), index in buckets_by_device_and_dtype(reals).items():
+        keep_here, keep_float = keep_on(keep, device)
         originals = [reals[i] for i in index]
         ms = [real_view(exp_avgs[i]) for i in index]
         full = [p.to(m.dtype) for p, m in zip(originals, ms)]  # half precision: fp32 math, one rounding

@@ -21,13 +21,12 @@ to the clock.
 from __future__ import annotations
 
 import math
-from collections import defaultdict
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-from .base import gradient_copy, inverse_scale, real_view
+from .base import buckets_by_device_and_dtype, gradient_copy, inverse_scale, keep_on, real_view
 from .stabilize import adaclip_, adagn_
 
 __all__ = ["StableStep", "stable_spam"]
@@ -87,8 +86,7 @@ def _single_tensor_stable_spam(params: list[Tensor], grads: list[Tensor], exp_av
     beta1 = h.beta1 * h.sigma
     for param, grad, m, v, k, stats in zip(params, grads, exp_avgs, exp_avg_sqs, steps, statistics):
         param, grad, m, v = real_view(param), real_view(grad), real_view(m), real_view(v)
-        keep_here = None if keep is None else keep.to(param.device, non_blocking=True)
-        keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
+        keep_here, keep_float = keep_on(keep, param.device)
         g = gradient_copy(grad, None, keep_here, h.maximize, m.dtype, unscale)
         full = param.to(m.dtype)  # half-precision params: update in fp32, round once at the end
         if h.weight_decay != 0:
@@ -117,12 +115,8 @@ def _multi_tensor_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avg
     unscale = inverse_scale(grad_scale)
     beta1 = h.beta1 * h.sigma
     reals = [real_view(p) for p in params]
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, p in enumerate(reals):
-        buckets[(p.device, p.dtype)].append(i)
-    for (device, _), index in buckets.items():
-        keep_here = None if keep is None else keep.to(device, non_blocking=True)
-        keep_float: float | Tensor = 1.0 if keep_here is None else keep_here.to(torch.float64)
+    for (device, _), index in buckets_by_device_and_dtype(reals).items():
+        keep_here, keep_float = keep_on(keep, device)
         originals = [reals[i] for i in index]
         ms = [real_view(exp_avgs[i]) for i in index]
         vs = [real_view(exp_avg_sqs[i]) for i in index]
