@@ -194,3 +194,31 @@ def test_galore_resumes_bit_exactly_with_its_projectors(small_run, monkeypatch):
     train(replace(base, resume=True))
     for name, value in _weights(whole.run_dir).items():
         assert torch.equal(_weights(base.run_dir)[name], value), name
+
+
+@pytest.mark.parametrize("quant", ["int4", "fp4"])
+def test_a_quantised_model_trains_and_resumes_bit_exactly(small_run, quant, monkeypatch):
+    """--quant fake-quantises the block linears: the run records its scheme, its loss falls, and a run that
+    dies right after its step-4 checkpoint resumes to exactly the uninterrupted run's master weights (the
+    checkpoint holds full-precision weights; the quantised copies are recomputed)."""
+    import spamopt.experiments.lm.train as train_module
+
+    base = replace(small_run, quant=quant, optimizer="spam", steps=8, checkpoint_every=4, log_every=1,
+                   optimizer_args={"reset_interval": 3, "warmup_steps": 1, "clip_delay": 1})
+    whole = replace(base, run_dir=base.run_dir + "-whole")
+    train(whole)
+    losses = [r["train_loss"] for r in _records(whole.run_dir) if "train_loss" in r]
+    assert losses[-1] < losses[0]
+    assert json.loads((Path(whole.run_dir) / "config.json").read_text())["quant"] == quant
+    save = train_module.checkpoint.save
+
+    def save_then_crash(*args, **kwargs):
+        save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.checkpoint, "save", save_then_crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(base)
+    monkeypatch.setattr(train_module.checkpoint, "save", save)
+    train(replace(base, resume=True))
+    assert_same_checkpoint(Path(whole.run_dir) / "checkpoint.pt", Path(base.run_dir) / "checkpoint.pt")

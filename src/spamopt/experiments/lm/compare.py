@@ -99,7 +99,8 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
         f"LLaMA `{config['model']}` ({results['parameters'] / 1e6:.2f}M parameters) on `{config['data']}`, "
         f"{config['steps']} steps × {config['batch_size']} sequences × {config['seq_len']} tokens, peak lr "
         f"{config['lr']} (cosine, {config['warmup_steps']} warmup steps, floor {config['min_lr_ratio']}×), "
-        f"seeds {results['seeds']}, device `{results['device']}`.",
+        f"seeds {results['seeds']}, device `{results['device']}`"
+        + (f", block linears fake-quantised as `{config['quant']}`." if config.get("quant", "none") != "none" else "."),
         "",
         f"| optimizer | final validation perplexity (mean ± std, {n} seed{'s' if n > 1 else ''}) | per seed | "
         "tokens/s | optimizer state per process |",

@@ -26,8 +26,9 @@ from ..harness.config import check_fields, option
 from ..harness.metrics import Metrics
 from ..harness.optimizers import OptimizerSetup, build_optimizer, state_bytes
 from ..harness.processes import Processes
+from ..harness.quantize import SCHEMES, quantize_model
 from ..harness.schedule import lr_multiplier
-from .config import CONFIGS, optimizer_layout
+from .config import CONFIGS, is_block_matrix, optimizer_layout
 from .data import DataConfig, TokenData, TokenWindows, prepare
 from .model import Llama
 
@@ -48,6 +49,8 @@ class TrainConfig:
     optimizer: str = option("spam", "adamw, adam-clip, adafactor, lion, adam-mini, galore, zclip, spam, "
                                     "spam-sparse, stable-spam; NAME+adagn wraps NAME in AdaClip + AdaGN")
     optimizer_args: dict[str, Any] = option(dict, "JSON object passed to the optimizer's constructor")
+    quant: str = option("none", "fake-quantise the block's linear layers: none, int4, int8, fp4 (the released "
+                                "code's 9-level grid), e2m1")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(0.0, "decoupled weight decay")
     steps: int = option(200, "optimizer steps")
@@ -82,6 +85,7 @@ class TrainConfig:
             "checkpoint_every": (self.checkpoint_every >= 0, ">= 0 (0: only at the end)"),
             "log_every": (self.log_every >= 1, ">= 1"),
             "parallel": (self.parallel in ("ddp", "fsdp"), "'ddp' or 'fsdp'"),
+            "quant": (self.quant in SCHEMES, f"one of {', '.join(SCHEMES)}"),
         }
         check_fields(self, checks)
 
@@ -184,7 +188,9 @@ def _set_up(config: TrainConfig) -> Run:
     torch.manual_seed(config.seed)  # same initial weights on every process
     model_config = replace(CONFIGS[config.model], vocab=data.vocab_size,
                            max_positions=max(config.seq_len, CONFIGS[config.model].max_positions))
-    model = _wrap(Llama(model_config).to(processes.device), config, processes)
+    model = Llama(model_config).to(processes.device)
+    quantize_model(model, config.quant, lambda name, m: is_block_matrix(f"{name}.weight", m.weight.shape))
+    model = _wrap(model, config, processes)
     core = model.module if hasattr(model, "module") else model
     setup = build_optimizer(config.optimizer, core, optimizer_layout(model_config), lr=config.lr,
                             weight_decay=config.weight_decay, options=config.optimizer_args)
