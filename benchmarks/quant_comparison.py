@@ -1,12 +1,14 @@
 """The papers' low-bit comparison at CPU scale: optimizers × quantisation schemes × learning rates × seeds on
 one LLaMA, run as parallel single-thread processes, finished runs reused. Writes, under ``--out-dir``, a
-``report.md`` per (scheme, lr) cell (the ``spamopt compare`` report), ``summary.json`` (final validation
-perplexity and training loss, mean ± sample std over seeds) and ``summary.png``.
+``report.md`` per (scheme, lr) cell (the ``spamopt compare`` report), ``summary-NAME.json`` (final validation
+perplexity and loss, mean ± sample std over seeds) and ``summary-NAME.png``. Grids sharing an ``--out-dir`` share
+their runs (the sweep below reuses the comparison's lr 3e-3 runs).
 
     # the 4-bit comparison (SPAM Figure 1 / Stable-SPAM Table 1, scaled down):
-    python benchmarks/quant_comparison.py --out-dir runs/quant --quant none,int4,fp4 --seeds 0,1,2
+    python benchmarks/quant_comparison.py --out-dir runs/quant --quant none,int4,fp4 --seeds 0,1,2 --name comparison
     # the stability claim: final loss against the learning rate under int4
-    python benchmarks/quant_comparison.py --out-dir runs/quant-lr --quant int4 --lrs 1e-3,3e-3,1e-2,3e-2
+    python benchmarks/quant_comparison.py --out-dir runs/quant --quant int4 --lrs 1e-3,3e-3,1e-2,3e-2 --seeds 0,1 \
+        --name lr-sweep
 
 Each optimizer gets the options ``spamopt compare`` gives it by default (SPAM's and Stable-SPAM's schedules
 scaled to a 200-step run); ``--model 60m --data ... --steps ...`` is the GPU-scale version.
@@ -75,7 +77,7 @@ def _summarize(args: argparse.Namespace) -> dict[str, Any]:
                               "val_perplexity_mean_std": mean_std(ppl), "val_loss_mean_std": mean_std(loss)}
             cells.append({"quant": quant, "lr": lr, "optimizers": rows})
     summary = {"model": args.model, "steps": args.steps, "seeds": seeds, "cells": cells}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    (out / f"summary-{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
 
@@ -129,6 +131,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--cache-dir", default="runs/cache")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--name", default="comparison", help="the summary files are summary-NAME.json/png")
     args = parser.parse_args()
     jobs = _jobs(args)
     _run(replace(jobs[0], steps=1, run_dir=str(Path(args.out_dir) / "prepare")))  # tokenize once, before forking
@@ -136,7 +139,7 @@ def main() -> None:
         for done, run_dir in enumerate(pool.imap_unordered(_run, jobs), start=1):
             print(f"[{done}/{len(jobs)}] {run_dir}", flush=True)
     summary = _summarize(args)
-    _plot(summary, Path(args.out_dir) / "summary.png")
+    _plot(summary, Path(args.out_dir) / f"summary-{args.name}.png")
     for cell in summary["cells"]:
         for name, row in cell["optimizers"].items():
             ppl = format_mean_std(*row["val_perplexity_mean_std"])
