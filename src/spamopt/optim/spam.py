@@ -170,13 +170,14 @@ class SPAM(SpikeAwareOptimizer):
     # ----------------------------------------------------------------------------------------- state
 
     def _init_state(self, param: Tensor, group: dict[str, Any], completed: int | Tensor, ordinal: int) -> None:
+        sparse_matrix = group["density"] < 1.0 and param.dim() == 2
+        if sparse_matrix and is_distributed_tensor(param):  # checked before any state exists
+            raise NotImplementedError("SPAM's sparse momentum (density < 1) does not support "
+                                      "sharded DTensor parameters (FSDP2); use density=1.0")
         state = self.state[param]
         state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
         state.update(self._new_clock(param, group, completed))
-        if group["density"] < 1.0 and param.dim() == 2:
-            if is_distributed_tensor(param):
-                raise NotImplementedError("SPAM's sparse momentum (density < 1) does not support "
-                                          "sharded DTensor parameters (FSDP2); use density=1.0")
+        if sparse_matrix:
             numel, dtype = _real_numel(param), param.real.dtype
             seed = sparse.param_seed(torch.initial_seed(), ordinal)
             generation = schedule.mask_generation(completed + 1, group["reset_interval"])
