@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from spamopt.experiments.harness.quantize import (GROUP, QuantLinear, quantize_activation, quantize_model,
+from spamopt.experiments.harness.quantize import (GROUP, MX_BLOCK, QuantLinear, quantize_activation, quantize_model,
                                                   quantize_weight)
 from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
 from spamopt.experiments.lm.model import Llama
@@ -72,20 +72,38 @@ def test_fp4_is_a_nine_level_grid_with_outliers_kept():
 
 
 def test_e2m1_rounds_to_true_fp4_values():
-    """max |x| = 6 sets the scale to 1: 2.4 → 2, −5.1 → −6, 0.2 → 0, 0.3 → 0.5, 3.4 → 3."""
-    x = _group(6.0, 2.4, -5.1, 0.2, 0.3, 3.4)
+    """max |x| = 6 sets the group's scale to 1: 2.4 → 2, −5.1 → −6, 0.2 → 0, 0.3 → 0.5, 3.4 → 3, and ties go to
+    the even neighbour: 0.25 → 0, 0.75 → 1, 2.5 → 2."""
+    pytest.importorskip("torchao")
+    x = _group(6.0, 2.4, -5.1, 0.2, 0.3, 3.4, 0.25, 0.75, 2.5)
     q = quantize_weight(x, "e2m1")
-    assert q[:6].tolist() == [6.0, 2.0, -6.0, 0.0, 0.5, 3.0]
+    assert q[:9].tolist() == [6.0, 2.0, -6.0, 0.0, 0.5, 3.0, 0.0, 1.0, 2.0]
     assert torch.equal(quantize_activation(x, "e2m1"), q)
 
 
-@pytest.mark.parametrize("scheme", ["int4", "int8", "fp4", "e2m1"])
+def test_mxfp4_blocks_of_32_share_a_power_of_two_scale():
+    """The MX format: block 1 (max 6) has scale 2^(⌊log2 6⌋ − 2) = 1; block 2 (max 0.3) has 2^(−2 − 2) = 1/16,
+    so 0.3 → 4.8/16 → 4/16 = 0.25, −0.1 → −1.5/16, 0.07 → 1/16. Blocks do not see each other."""
+    pytest.importorskip("torchao")
+    x = torch.zeros(2 * MX_BLOCK)
+    x[:4] = torch.tensor([6.0, 0.25, 0.75, 2.5])
+    x[MX_BLOCK:MX_BLOCK + 3] = torch.tensor([0.3, -0.1, 0.07])
+    q = quantize_weight(x, "mxfp4")
+    assert q[:4].tolist() == [6.0, 0.0, 1.0, 2.0]
+    assert q[MX_BLOCK:MX_BLOCK + 3].tolist() == [0.25, -1.5 / 16, 1 / 16]
+
+
+@pytest.mark.parametrize("scheme", ["int4", "int8", "fp4", "e2m1", "mxfp4"])
 def test_nan_makes_its_group_nan_and_leaves_the_others(scheme):
-    x = torch.randn(2 * GROUP, dtype=torch.float64)
+    """A NaN input never turns into a finite number: its group (its 32-block for MX) comes out NaN."""
+    if scheme in ("e2m1", "mxfp4"):
+        pytest.importorskip("torchao")
+    group = MX_BLOCK if scheme == "mxfp4" else GROUP
+    x = torch.randn(2 * GROUP)
     x[3] = float("nan")
     for quantize in (quantize_weight, quantize_activation):
         q = quantize(x, scheme)
-        assert q[:GROUP].isnan().all() and q[GROUP:].isfinite().all()
+        assert q[:group].isnan().all() and q[group:].isfinite().all()
 
 
 def test_straight_through_backward_is_exactly_the_formula():

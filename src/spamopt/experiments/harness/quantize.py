@@ -18,10 +18,14 @@ shorter group takes the remainder). Schemes:
     weights and activations alike: the top-2 ``|x|`` of each group kept exactly, the rest rounded to the
     uniform symmetric 9-level grid ``{0, ±1/4, ±1/2, ±3/4, ±1} · max|rest|``. (Its formula has an E1M2 form
     whose exponent term always clamps to one value, so the grid is uniform: it is not E2M1.)
-``e2m1`` — true FP4 values
-    weights and activations: each group scaled by ``max|x|/6`` and rounded to the nearest E2M1 value
-    ``{0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6}`` (the element type of the OCP MX and NVFP4 formats; no outliers
-    kept). Written here: torchao's MX primitives target CUDA and newer torch builds than the pinned CPU wheel.
+``e2m1`` — true FP4 values on the papers' groups
+    weights and activations: each group of 256 scaled by ``max|x|/6`` and rounded to the nearest E2M1 value
+    ``{0, ±0.5, ±1, ±1.5, ±2, ±3, ±4, ±6}`` (ties to even, by torchao's FP4 cast), no outliers kept.
+``mxfp4`` — the OCP MX format, from torchao
+    blocks of 32 elements sharing a power-of-two (E8M0) scale, E2M1 elements (torchao's ``MXTensor``).
+
+``e2m1`` and ``mxfp4`` need torchao (``pip install 'spamopt[quant]'``; it runs on the CPU with the pinned
+torch); they compute in float32.
 
 Rounding is to nearest, ties to even (``torch.round``). A NaN in a group makes that group's output NaN (the
 min–max and absolute-maximum reductions propagate it): never a silent finite number.
@@ -35,11 +39,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["GROUP", "SCHEMES", "QuantLinear", "quantize_weight", "quantize_activation", "quantize_model"]
+from spamopt.extras import require
+
+__all__ = ["GROUP", "MX_BLOCK", "SCHEMES", "QuantLinear", "quantize_weight", "quantize_activation", "quantize_model"]
 
 GROUP = 256
-SCHEMES = ("none", "int4", "int8", "fp4", "e2m1")
-_E2M1 = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
+SCHEMES = ("none", "int4", "int8", "fp4", "e2m1", "mxfp4")
+MX_BLOCK = 32
 
 
 def _grouped(x: Tensor, quantize_groups: Callable[[Tensor], Tensor]) -> Tensor:
@@ -85,12 +91,18 @@ def _nine_levels(groups: Tensor, rest_max: Tensor) -> Tensor:
 
 
 def _e2m1(groups: Tensor) -> Tensor:
-    scale = (groups.abs().amax(dim=1, keepdim=True) / 6.0).clamp(min=1e-12)
-    values = torch.tensor(_E2M1, dtype=groups.dtype, device=groups.device)
-    scaled = (groups / scale).abs()
-    nearest = values[(scaled.unsqueeze(-1) - values).abs().argmin(dim=-1)]
-    nearest = torch.where(scaled.isnan(), torch.nan, nearest)
-    return torch.sign(groups) * nearest * scale
+    kernels = require("torchao.prototype.mx_formats.kernels", "quant", "torchao")
+    scale = (groups.abs().amax(dim=1, keepdim=True) / 6.0).clamp(min=1e-12)  # NaN in a group: a NaN scale
+    scaled = (groups / scale).float()
+    return kernels.f4_unpacked_to_f32(kernels.f32_to_f4_unpacked(scaled)).to(groups.dtype) * scale
+
+
+def _mxfp4(x: Tensor) -> Tensor:
+    mx = require("torchao.prototype.mx_formats.mx_tensor", "quant", "torchao")
+    flat = x.reshape(-1).float()
+    padded = F.pad(flat, (0, -flat.numel() % MX_BLOCK))  # zeros do not change a block's maximum
+    blocks = mx.MXTensor.to_mx(padded.view(-1, MX_BLOCK), torch.float4_e2m1fn_x2, MX_BLOCK)
+    return blocks.dequantize(torch.float32).reshape(-1)[: flat.numel()].view_as(x).to(x.dtype)
 
 
 def quantize_weight(w: Tensor, scheme: str) -> Tensor:
@@ -112,6 +124,8 @@ def _quantize_shared(x: Tensor, scheme: str) -> Tensor:
         return _grouped(x, lambda g: _outliers_kept(g, _nine_levels))
     if scheme == "e2m1":
         return _grouped(x, _e2m1)
+    if scheme == "mxfp4":
+        return _mxfp4(x)
     raise ValueError(f"Invalid scheme value: {scheme!r} (one of {', '.join(SCHEMES[1:])})")
 
 

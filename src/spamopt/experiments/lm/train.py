@@ -50,7 +50,7 @@ class TrainConfig:
                                     "spam-sparse, stable-spam; NAME+adagn wraps NAME in AdaClip + AdaGN")
     optimizer_args: dict[str, Any] = option(dict, "JSON object passed to the optimizer's constructor")
     quant: str = option("none", "fake-quantise the block's linear layers: none, int4, int8, fp4 (the released "
-                                "code's 9-level grid), e2m1")
+                                "code's 9-level grid), e2m1, mxfp4 (these two need spamopt[quant])")
     lr: float = option(3e-3, "peak learning rate")
     weight_decay: float = option(0.0, "decoupled weight decay")
     steps: int = option(200, "optimizer steps")
