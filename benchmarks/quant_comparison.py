@@ -11,7 +11,13 @@ their runs (the sweep below reuses the comparison's lr 3e-3 runs).
         --name lr-sweep
 
 Each optimizer gets the options ``spamopt compare`` gives it by default (SPAM's and Stable-SPAM's schedules
-scaled to a 200-step run); ``--model 60m --data ... --steps ...`` is the GPU-scale version.
+scaled to a 200-step run). The GPU recipe (``--workers 1``; LLaMA-60M; not yet run, as no GPU has been lent):
+every finished run is reused, so split the grid by optimizer and seed into commands that each fit a time limit,
+and summarise with the full lists at the end:
+
+    python benchmarks/quant_comparison.py --workers 1 --model 60m --data ../shared/data/gutenberg \
+        --steps 2000 --seq-len 256 --batch-size 64 --quant none,int4,fp4 --optimizers spam --seeds 0
+
 """
 
 from __future__ import annotations
@@ -38,7 +44,8 @@ def _cell(out: Path, quant: str, lr: float) -> Path:
 
 def _jobs(args: argparse.Namespace) -> list[TrainConfig]:
     base = TrainConfig(model=args.model, data=args.data, steps=args.steps, cache_dir=args.cache_dir, progress=False,
-                       checkpoint_every=args.steps, eval_every=args.steps // 4)
+                       seq_len=args.seq_len, batch_size=args.batch_size, checkpoint_every=args.steps,
+                       eval_every=args.steps // 4)
     defaults = CompareConfig().optimizer_args
     jobs = []
     for quant in parse_list("quant", args.quant):
@@ -51,10 +58,10 @@ def _jobs(args: argparse.Namespace) -> list[TrainConfig]:
     return jobs
 
 
-def _run(job: TrainConfig) -> str:
+def _run(job: TrainConfig, threads: int = 1) -> str:
     import torch
 
-    torch.set_num_threads(1)  # one core per process: independent runs in parallel
+    torch.set_num_threads(threads)  # parallel CPU workers: one core each
     if not finished(job.run_dir, job):
         train(job)
     return job.run_dir
@@ -76,7 +83,14 @@ def _summarize(args: argparse.Namespace) -> dict[str, Any]:
                 rows[name] = {"val_perplexity": ppl, "val_loss": loss,
                               "val_perplexity_mean_std": mean_std(ppl), "val_loss_mean_std": mean_std(loss)}
             cells.append({"quant": quant, "lr": lr, "optimizers": rows})
-    summary = {"model": args.model, "steps": args.steps, "seeds": seeds, "cells": cells}
+    first = json.loads((_cell(out, cells[0]["quant"], cells[0]["lr"]) / names[0] / f"seed{seeds[0]}" /
+                        "summary.json").read_text())
+    device = first["device"]
+    if device.startswith("cuda"):
+        import torch
+
+        device = f"{device} ({torch.cuda.get_device_name()})"
+    summary = {"model": args.model, "steps": args.steps, "seeds": seeds, "device": device, "cells": cells}
     (out / f"summary-{args.name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -129,15 +143,21 @@ def main() -> None:
     parser.add_argument("--model", default="mini")
     parser.add_argument("--data", default="stdlib")
     parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--seq-len", type=int, default=TrainConfig.seq_len)
+    parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     parser.add_argument("--cache-dir", default="runs/cache")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--name", default="comparison", help="the summary files are summary-NAME.json/png")
     args = parser.parse_args()
     jobs = _jobs(args)
-    _run(replace(jobs[0], steps=1, run_dir=str(Path(args.out_dir) / "prepare")))  # tokenize once, before forking
-    with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-        for done, run_dir in enumerate(pool.imap_unordered(_run, jobs), start=1):
-            print(f"[{done}/{len(jobs)}] {run_dir}", flush=True)
+    if args.workers == 1:  # a GPU, or one CPU process with every core
+        for done, job in enumerate(jobs, start=1):
+            print(f"[{done}/{len(jobs)}] {_run(job, threads=os.cpu_count() or 1)}", flush=True)
+    else:
+        _run(replace(jobs[0], steps=1, run_dir=str(Path(args.out_dir) / "prepare")))  # tokenize before forking
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            for done, run_dir in enumerate(pool.imap_unordered(_run, jobs), start=1):
+                print(f"[{done}/{len(jobs)}] {run_dir}", flush=True)
     summary = _summarize(args)
     _plot(summary, Path(args.out_dir) / f"summary-{args.name}.png")
     for cell in summary["cells"]:

@@ -46,3 +46,19 @@ def test_the_main_command_on_a_minimal_budget(token_cache, tmp_path, capsys):
     assert results["config"]["data"] == "stdlib"
     assert all(math.isfinite(v) for row in results["optimizers"].values() for v in row["val_perplexity"])
     assert (out / "curves.png").exists() and "| spam |" in (out / "report.md").read_text()
+
+
+def test_match_memory_sets_the_sparse_density_and_reports_both_figures(small_run, tmp_path):
+    """``--match-memory galore:8`` gives spam-sparse the density whose state on the block matrices equals
+    GaLore's at rank 8, and the report states the budget and spam-sparse's own figure."""
+    pytest.importorskip("matplotlib")
+    from spamopt.experiments.lm.compare import matched_memory
+
+    out = tmp_path / "matched"
+    base = replace(small_run, steps=2, checkpoint_every=0, eval_every=0)
+    report = compare(CompareConfig(optimizers="spam-sparse", seeds="0", out_dir=str(out), match_memory="galore:8"),
+                     base)
+    matched = matched_memory("galore:8", base.model)
+    config = json.loads((out / "spam-sparse" / "seed0" / "config.json").read_text())
+    assert config["optimizer_args"]["density"] == matched["density"]
+    assert f"density {matched['density']}, matched to GaLore rank 8" in report.read_text()

@@ -15,10 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from ..harness.config import option
+from ..harness.memory import galore_state_bytes, matched_density, sparse_spam_state_bytes
 from ..harness.metrics import read_records
 from ..harness.processes import is_rank_zero
 from ..harness.report import mean_curve, mean_std, plot_curves
 from ..harness.runner import parse_list, run_dir, run_grid
+from .config import CONFIGS, is_block_matrix
 from .train import TrainConfig, train
 
 # The paper's SPAM schedule (ΔT=500, N=150, D=20 over 10k+ steps) never resets in a few hundred steps; the
@@ -37,6 +39,20 @@ class CompareConfig:
                                  "stable-spam": {"reset_interval": SHORT_RUN_SPAM["reset_interval"]}},
         metadata={"help": "JSON: optimizer name → constructor options; an lr entry overrides the shared lr "
                           "(default: SPAM's schedule scaled to 200 steps; '{}' for the paper's)"})
+    match_memory: str = option("", "give spam-sparse the density whose state equals a budget on the block "
+                                   "matrices: galore:RANK (GaLore's state at that rank) or bytes:N")
+
+
+def matched_memory(spec: str, model: str) -> dict[str, Any]:
+    """``galore:RANK`` or ``bytes:N`` → the budget on ``model``'s block matrices and the matching density."""
+    kind, _, value = spec.partition(":")
+    if kind not in ("galore", "bytes") or not value.isdigit() or int(value) < 1:
+        raise ValueError(f"Invalid match_memory value: {spec!r} (galore:RANK or bytes:N, positive integers)")
+    shapes = [s for n, s in CONFIGS[model].parameter_shapes().items() if is_block_matrix(n, s)]
+    budget = galore_state_bytes(shapes, int(value)) if kind == "galore" else int(value)
+    density = matched_density(shapes, budget)
+    return {"reference": f"GaLore rank {value}" if kind == "galore" else f"{value} bytes", "budget_bytes": budget,
+            "density": density, "spam_sparse_bytes": sparse_spam_state_bytes(shapes, density)}
 
 
 def compare(config: CompareConfig, base: TrainConfig) -> Path:
@@ -45,8 +61,12 @@ def compare(config: CompareConfig, base: TrainConfig) -> Path:
     names = parse_list("optimizers", config.optimizers)
     seeds = parse_list("seeds", config.seeds, int)
 
+    matched = matched_memory(config.match_memory, base.model) if config.match_memory else None
+
     def make_run(name: str, seed: int, directory: Path) -> TrainConfig:
         options = dict(config.optimizer_args.get(name, {}))
+        if matched and name == "spam-sparse":
+            options.setdefault("density", matched["density"])
         lr = options.pop("lr", base.lr)
         return replace(base, optimizer=name, optimizer_args=options, lr=lr, seed=seed, resume=True,
                        run_dir=str(directory))
@@ -54,7 +74,7 @@ def compare(config: CompareConfig, base: TrainConfig) -> Path:
     run_grid(out, names, seeds, make_run, train)
     if not is_rank_zero():  # under torchrun, rank 0 writes the report
         return out / "report.md"
-    return write_report(out, names, seeds)
+    return write_report(out, names, seeds, matched)
 
 
 CURVE_PANELS = [
@@ -64,9 +84,9 @@ CURVE_PANELS = [
 ]
 
 
-def write_report(out: Path, names: list[str], seeds: list[int]) -> Path:
+def write_report(out: Path, names: list[str], seeds: list[int], matched: dict[str, Any] | None = None) -> Path:
     """Aggregate finished runs under ``out`` into results.json, curves.png and report.md."""
-    results: dict[str, Any] = {"optimizers": {}}
+    results: dict[str, Any] = {"optimizers": {}, "matched_memory": matched}
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for name in names:
         runs = [run_dir(out, name, seed) for seed in seeds]
@@ -111,6 +131,11 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
         seeds = ", ".join(f"{v:.2f}" for v in row["val_perplexity"])
         lines.append(f"| {name} | {row['val_perplexity_mean']:.2f} ± {std} | {seeds} | "
                      f"{row['tokens_per_s_mean']:,.0f} | {row['optimizer_state_bytes_per_process'] / 2**20:.2f} MiB |")
+    matched = results.get("matched_memory")
+    if matched:
+        lines += ["", f"spam-sparse runs at density {matched['density']}, matched to {matched['reference']}: "
+                  f"{matched['budget_bytes'] / 2**20:.2f} MiB of state on the block matrices against "
+                  f"{matched['spam_sparse_bytes'] / 2**20:.2f} MiB for spam-sparse (moments and 1-bit masks)."]
     lines += ["", "![training loss and validation perplexity](curves.png)", "",
               "Std is the sample standard deviation over seeds; tokens/s excludes evaluation and checkpointing.",
               f"Perplexity is exp of the mean token cross-entropy over the first {config['eval_tokens']:,} "
