@@ -58,8 +58,10 @@ def adaclip_(g: Tensor, max_ema: Tensor, count: Tensor, gamma3: float, keep: flo
     spiked = g.abs() > bound
     if mode == "scale":
         clipped = g * (bound / mu)  # μ > 0 wherever a coordinate spiked
-    else:
+    elif mode == "clamp":
         clipped = torch.sign(g) * bound
+    else:
+        raise ValueError(f"Invalid adaclip value: {mode!r} ('scale' or 'clamp')")
     torch.where(spiked, clipped, g, out=g)
 
 
@@ -134,6 +136,8 @@ class AdaClipGN(Optimizer):
         keep = all_finite([p.grad for p in params]) if s["skip_nonfinite"] else None
         originals, fresh = [], {}
         for p in params:
+            if p.is_complex():
+                raise RuntimeError("AdaClipGN does not support complex parameters")
             stats = {k.removeprefix(self.PREFIX): v for k, v in self.state[p].items() if k.startswith(self.PREFIX)}
             if not stats:
                 stats = fresh[p] = new_statistics(p)
@@ -144,9 +148,9 @@ class AdaClipGN(Optimizer):
                 g = torch.where(keep, p.grad, 0).to(dtype)
             keep_value: float | Tensor = 1.0 if keep is None else keep.to(dtype)
             stats["stat_step"].add_(keep_value)
-            real = torch.view_as_real(g) if g.is_complex() else g
-            adaclip_(real, stats["max_ema"], stats["stat_step"], s["gamma3"], keep_value, s["adaclip"])
-            adagn_(real, stats["norm_ema"], stats["norm_sq_ema"], stats["stat_step"], s["gamma1"], s["gamma2"],
+            if s["adaclip"] != "off":
+                adaclip_(g, stats["max_ema"], stats["stat_step"], s["gamma3"], keep_value, s["adaclip"])
+            adagn_(g, stats["norm_ema"], stats["norm_sq_ema"], stats["stat_step"], s["gamma1"], s["gamma2"],
                    s["eps"], keep_value)
             originals.append((p, p.grad))
             p.grad = g.to(p.grad.dtype)
