@@ -1,11 +1,15 @@
 """Optimizer-state bytes of SPAM on the paper's LLaMA shapes: dense, density 0.25 on attention and MLP
 matrices (the paper's grouping), and density 0.25 on every matrix (embedding and head included); beside them
-torch's AdamW and StableSPAM (Adam's state plus a few scalars per tensor).
+torch's AdamW and StableSPAM (Adam's state plus a few scalars per tensor); and the paper's memory-matched pair
+(``--galore``): galore-torch's GaLoreAdamW at the paper's rank on the attention and MLP matrices, projector
+included, and sparse SPAM at the density matched to it (``harness.memory.matched_density``). Every figure
+comes from the real optimizers' state.
 
 State is device-independent, so this runs on the CPU: each parameter is stepped once by its own SPAM instance
 and the bytes of the state it creates (moments, bitmask, counters) are summed, then freed. fp32 parameters.
 
     python benchmarks/state_memory.py --models 60m 350m 1b     # writes results/state_memory.json
+    python benchmarks/state_memory.py --models 60m 130m 350m --galore --out results/state_memory_matched.json
 """
 
 from __future__ import annotations
@@ -17,7 +21,11 @@ from pathlib import Path
 import torch
 
 from spamopt import SPAM, StableSPAM
+from spamopt.experiments.harness.memory import galore_state_bytes, matched_density
+from spamopt.experiments.harness.optimizers import state_bytes
 from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
+
+PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}  # GaLore's ranks in the SPAM paper
 
 
 def _variants(name: str, shape: tuple[int, ...]) -> dict[str, float]:
@@ -27,11 +35,31 @@ def _variants(name: str, shape: tuple[int, ...]) -> dict[str, float]:
 
 
 def _bytes(opt: torch.optim.Optimizer, param: torch.nn.Parameter) -> int:
+    """Bytes of the state one step creates, tensors one attribute deep included (GaLore's projector)."""
     opt.step()
-    return sum(t.numel() * t.element_size() for t in opt.state[param].values() if isinstance(t, torch.Tensor))
+    return state_bytes(opt)
 
 
-def state_bytes(model: str) -> dict[str, int]:
+def matched_state_bytes(model: str) -> dict[str, int | float]:
+    """GaLore at the paper's rank and sparse SPAM at the matched density, each on the block matrices (every
+    other tensor gets the same optimizer's dense Adam state)."""
+    galore_torch = __import__("galore_torch")
+    rank = PAPER_RANKS[model]
+    shapes = CONFIGS[model].parameter_shapes()
+    blocks = [s for n, s in shapes.items() if is_block_matrix(n, s)]
+    density = matched_density(blocks, galore_state_bytes(blocks, rank))
+    totals: dict[str, int | float] = {"galore": 0, "spam_sparse_matched": 0, "rank": rank, "density": density}
+    for name, shape in shapes.items():
+        param = torch.nn.Parameter(torch.zeros(shape))
+        param.grad = torch.randn(shape)
+        block = is_block_matrix(name, shape)
+        group = {"params": [param], "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+        totals["galore"] += _bytes(galore_torch.GaLoreAdamW([group] if block else [param]), param)
+        totals["spam_sparse_matched"] += _bytes(SPAM([param], density=density if block else 1.0), param)
+    return totals
+
+
+def spam_state_bytes(model: str) -> dict[str, int]:
     totals = {"dense": 0, "sparse25_blocks": 0, "sparse25_all_matrices": 0, "adamw": 0, "stable_spam": 0}
     for name, shape in CONFIGS[model].parameter_shapes().items():
         param = torch.nn.Parameter(torch.zeros(shape))
@@ -47,10 +75,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["60m", "350m", "1b"], choices=sorted(CONFIGS))
     parser.add_argument("--out", type=Path, default=Path("results/state_memory.json"))
+    parser.add_argument("--galore", action="store_true", help="the memory-matched GaLore / sparse-SPAM pair")
     args = parser.parse_args()
     report = {}
     for model in args.models:
-        totals = state_bytes(model)
+        if args.galore:
+            report[model] = matched_state_bytes(model)
+            print(model, {k: f"{v / 2**20:,.1f} MiB" if k in ("galore", "spam_sparse_matched") else v
+                          for k, v in report[model].items()})
+            continue
+        totals = spam_state_bytes(model)
         report[model] = {variant: {"bytes": b, "vs_dense": b / totals["dense"]} for variant, b in totals.items()}
         print(model, {variant: f"{row['bytes'] / 2**20:,.1f} MiB ({row['vs_dense']:.3f}x)"
                       for variant, row in report[model].items()})
