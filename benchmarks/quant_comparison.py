@@ -25,15 +25,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import multiprocessing
 import os
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from spamopt.experiments.harness.report import format_mean_std, mean_std
-from spamopt.experiments.harness.runner import finished, parse_list
+from spamopt.experiments.harness.runner import parse_list, run_jobs
 from spamopt.experiments.lm.compare import CompareConfig, write_report
+from spamopt.experiments.lm.data import prepare
 from spamopt.experiments.lm.train import TrainConfig, train
 from spamopt.plotting import pyplot, save
 
@@ -56,15 +56,6 @@ def _jobs(args: argparse.Namespace) -> list[TrainConfig]:
                     jobs.append(replace(base, optimizer=name, optimizer_args=dict(defaults.get(name, {})), lr=lr,
                                         seed=seed, quant=quant, resume=True, run_dir=str(run_dir)))
     return jobs
-
-
-def _run(job: TrainConfig, threads: int = 1) -> str:
-    import torch
-
-    torch.set_num_threads(threads)  # parallel CPU workers: one core each
-    if not finished(job.run_dir, job):
-        train(job)
-    return job.run_dir
 
 
 def _summarize(args: argparse.Namespace) -> dict[str, Any]:
@@ -150,14 +141,9 @@ def main() -> None:
     parser.add_argument("--name", default="comparison", help="the summary files are summary-NAME.json/png")
     args = parser.parse_args()
     jobs = _jobs(args)
-    if args.workers == 1:  # a GPU, or one CPU process with every core
-        for done, job in enumerate(jobs, start=1):
-            print(f"[{done}/{len(jobs)}] {_run(job, threads=os.cpu_count() or 1)}", flush=True)
-    else:
-        _run(replace(jobs[0], steps=1, run_dir=str(Path(args.out_dir) / "prepare")))  # tokenize before forking
-        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            for done, run_dir in enumerate(pool.imap_unordered(_run, jobs), start=1):
-                print(f"[{done}/{len(jobs)}] {run_dir}", flush=True)
+    if args.workers > 1:
+        prepare(jobs[0].data_config(), args.cache_dir)  # tokenized once, before the workers start
+    run_jobs(jobs, train, workers=args.workers)
     summary = _summarize(args)
     _plot(summary, Path(args.out_dir) / f"summary-{args.name}.png")
     for cell in summary["cells"]:

@@ -1,5 +1,5 @@
-"""Optimizer-state memory: the formulas against the real optimizers' state, the paper's matched densities, and
-state bytes per registry name against a hand count on a small model."""
+"""Optimizer-state memory: the formulas against the real optimizers' state, the paper's matched densities,
+state bytes per registry name against a hand count on a small model, and the measured peak of a training step."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from spamopt import SPAM
-from spamopt.experiments.harness.memory import galore_state_bytes, matched_density, sparse_spam_state_bytes
+from spamopt.experiments.harness.memory import (galore_state_bytes, matched_density, resident_bytes,
+                                               sparse_spam_state_bytes, step_peak_memory)
 from spamopt.experiments.harness.optimizers import build_optimizer, state_bytes
 from spamopt.experiments.lm.compare import matched_memory
 from spamopt.experiments.lm.config import CONFIGS, is_block_matrix, optimizer_layout
@@ -84,3 +85,65 @@ def test_a_budget_that_no_density_fits_is_refused():
     with pytest.raises(ValueError, match="Invalid match_memory value: 'lora:8'"):
         matched_memory("lora:8", "tiny")
     assert matched_memory(f"bytes:{8 * math.prod((64, 64))}", "tiny")["density"] > 0
+
+
+def _mlp_step(optimizer_class, **options):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.ReLU(), torch.nn.Linear(256, 64))
+    optimizer = optimizer_class(model.parameters(), **options)
+    x = torch.randn(128, 64)
+
+    def step() -> None:
+        model(x).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return model, optimizer, step
+
+
+@pytest.mark.parametrize("optimizer_class,options", [(torch.optim.SGD, {"lr": 0.1}), (torch.optim.AdamW, {}),
+                                                     (SPAM, {"foreach": False}), (SPAM, {"density": 0.25})])
+def test_cpu_step_peak_equals_torchs_memory_tracker(optimizer_class, options):
+    """The CPU peak of a steady-state training step (resident tensors + the profiler's allocation peak) equals
+    the peak that torch's own MemTracker (a dispatch-mode tracker of every tensor, written by torch's
+    developers) finds for the same step, to the byte."""
+    mem_tracker = pytest.importorskip("torch.distributed._tools.mem_tracker")
+    model, optimizer, step = _mlp_step(optimizer_class, **options)
+    step()  # state exists from here on
+    with step_peak_memory(model, optimizer, torch.device("cpu")) as peak:
+        step()
+    tracker = mem_tracker.MemTracker()
+    tracker.track_external(model, optimizer)
+    with tracker:
+        step()
+    assert peak["bytes"] == tracker.get_tracker_snapshot("peak")[torch.device("cpu")]["Total"]
+    assert "profiler" in peak["method"]
+
+
+def test_step_peak_counts_a_known_temporary_and_the_state():
+    """A step that also holds a 4 MiB temporary peaks 4 MiB higher; AdamW's steady step holds its two moments
+    beyond SGD's (resident before the step: parameters plus state, counted by hand)."""
+    model, optimizer, step = _mlp_step(torch.optim.AdamW)
+    step()
+    params = sum(p.numel() * 4 for p in model.parameters())
+    assert resident_bytes(model, optimizer) == 3 * params + 4 * 4  # weights, m, v, a step count per tensor
+    with step_peak_memory(model, optimizer, torch.device("cpu")) as plain:
+        step()
+    with step_peak_memory(model, optimizer, torch.device("cpu")) as bigger:
+        keep = torch.ones(2**20)  # 4 MiB alive through the step
+        step()
+        del keep
+    assert bigger["bytes"] - plain["bytes"] == 4 * 2**20
+    sgd_model, sgd, sgd_step = _mlp_step(torch.optim.SGD, lr=0.1)
+    sgd_step()
+    with step_peak_memory(sgd_model, sgd, torch.device("cpu")) as sgd_peak:
+        sgd_step()
+    assert plain["bytes"] - sgd_peak["bytes"] >= 2 * params
+
+
+def test_step_peak_steps_aside_under_a_users_profiler():
+    """Profilers do not nest: inside a user's profiler the measurement is skipped, not an error."""
+    model, optimizer, step = _mlp_step(torch.optim.SGD, lr=0.1)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+        with step_peak_memory(model, optimizer, torch.device("cpu")) as peak:
+            step()
+    assert peak == {}

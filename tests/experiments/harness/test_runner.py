@@ -1,14 +1,17 @@
 """The optimizers × seeds runner: every (name, seed) runs once in its own folder; a run finished under the same
-config is reused, one with another config runs again; lists are parsed with clear errors."""
+config is reused, one with another config runs again; parallel workers run each pending run once, in processes
+of one thread; lists and labels are parsed with clear errors."""
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import pytest
 
-from spamopt.experiments.harness.runner import finished, parse_list, run_grid
+from spamopt.experiments.harness.runner import finished, parse_labelled, parse_list, run_grid, run_jobs
 
 
 @dataclass
@@ -49,3 +52,42 @@ def test_lists_are_parsed_and_an_empty_one_is_refused():
     assert parse_list("seeds", " 0, 1,2 ", int) == [0, 1, 2]
     with pytest.raises(ValueError, match="Invalid optimizers value: ' , '"):
         parse_list("optimizers", " , ")
+
+
+def record_process(job: Job) -> None:
+    """A module-level job (workers pickle it): writes its config and, as its summary, where and how it ran."""
+    import torch
+
+    directory = Path(job.run_dir)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(asdict(job)))
+    (directory / "summary.json").write_text(json.dumps({"pid": os.getpid(), "threads": torch.get_num_threads()}))
+
+
+def test_parallel_workers_run_each_pending_job_once_in_single_thread_processes(tmp_path):
+    jobs = [Job("a", seed, str(tmp_path / "a" / f"seed{seed}")) for seed in range(3)]
+    record_process(jobs[0])  # finished already: not run again
+    before = (tmp_path / "a" / "seed0" / "summary.json").read_text()
+    ran = run_jobs(jobs, record_process, workers=2)
+    assert [job.seed for job in ran] == [1, 2]
+    assert (tmp_path / "a" / "seed0" / "summary.json").read_text() == before
+    summaries = [json.loads((tmp_path / "a" / f"seed{s}" / "summary.json").read_text()) for s in (1, 2)]
+    assert all(s["threads"] == 1 and s["pid"] != os.getpid() for s in summaries)
+    assert run_jobs(jobs, record_process, workers=2) == []
+
+
+def test_workers_are_checked(tmp_path, monkeypatch):
+    jobs = [Job("a", 0, str(tmp_path / "a"))]
+    with pytest.raises(ValueError, match="Invalid workers value: 0"):
+        run_jobs(jobs, record_process, workers=0)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="Invalid workers value: 2 .*torchrun"):
+        run_jobs(jobs, record_process, workers=2)
+
+
+def test_labels_let_one_name_run_twice():
+    assert parse_labelled("optimizers", "adamw, sparse-0.25=spam-sparse,spam-sparse") == {
+        "adamw": "adamw", "sparse-0.25": "spam-sparse", "spam-sparse": "spam-sparse"}
+    for bad in ("a=b,a=c", "x/y=spam", "=spam", "a="):
+        with pytest.raises(ValueError, match="Invalid optimizers value"):
+            parse_labelled("optimizers", bad)

@@ -62,3 +62,30 @@ def test_match_memory_sets_the_sparse_density_and_reports_both_figures(small_run
     config = json.loads((out / "spam-sparse" / "seed0" / "config.json").read_text())
     assert config["optimizer_args"]["density"] == matched["density"]
     assert f"density {matched['density']}, matched to GaLore rank 8" in report.read_text()
+
+
+def test_labelled_entries_memory_figure_and_parallel_workers(small_run, tmp_path):
+    """The issue's memory comparison in miniature: spam-sparse at the matched density and, under a label, at
+    0.25, run by two single-thread workers. Each row keeps its own density and state (the 0.25 one holds less),
+    every run measured its peak step memory, which exceeds its optimizer state, and the report carries the
+    perplexity-against-memory figure."""
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "memory"
+    base = replace(small_run, steps=2, checkpoint_every=0, eval_every=0)
+    config = CompareConfig(optimizers="spam-sparse,sparse-0.25=spam-sparse,adamw", seeds="0", out_dir=str(out),
+                           match_memory="galore:16", workers=2,
+                           optimizer_args={"sparse-0.25": {"density": 0.25}, "spam-sparse": {"warmup_steps": 1}})
+    report = compare(config, base).read_text()
+    rows = json.loads((out / "results.json").read_text())["optimizers"]
+    matched = json.loads((out / "results.json").read_text())["matched_memory"]["density"]
+    assert rows["spam-sparse"]["optimizer_args"] == {"warmup_steps": 1, "density": matched}
+    assert rows["sparse-0.25"]["optimizer_args"] == {"warmup_steps": 1, "density": 0.25}  # the name's, then its own
+    assert matched > 0.25 and (rows["sparse-0.25"]["optimizer_state_bytes_per_process"]
+                               < rows["spam-sparse"]["optimizer_state_bytes_per_process"]
+                               < rows["adamw"]["optimizer_state_bytes_per_process"])
+    for row in rows.values():
+        assert row["peak_step_memory_bytes"] > row["optimizer_state_bytes_per_process"]
+    assert "| sparse-0.25 (`spam-sparse`, density 0.25) |" in report
+    assert f"| spam-sparse (density {matched}) |" in report
+    assert "![final validation perplexity against memory](memory.png)" in report
+    assert (out / "memory.png").stat().st_size > 10_000

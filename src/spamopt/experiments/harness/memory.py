@@ -1,4 +1,5 @@
-"""Optimizer-state memory of the memory-efficient optimizers, and the SPAM density that matches a budget.
+"""Optimizer-state memory of the memory-efficient optimizers, the SPAM density that matches a budget, and the
+measured peak memory of a training step.
 
 The SPAM paper compares sparse-momentum SPAM with GaLore at equal optimizer memory: its densities (0.3225 at
 60M, 0.4306 at 130M) are GaLore's state at ranks 128 and 256 — projector included — divided by Adam's two
@@ -16,11 +17,19 @@ moments, over the block matrices. Per matrix of shape ``m × n`` (fp32 state, 4 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
 
 from spamopt.optim import sparse
 
-__all__ = ["galore_state_bytes", "sparse_spam_state_bytes", "matched_density"]
+from .optimizers import state_bytes
+
+__all__ = ["galore_state_bytes", "sparse_spam_state_bytes", "matched_density", "resident_bytes",
+           "step_peak_memory"]
 
 Shape = tuple[int, ...]
 FP32 = 4
@@ -60,3 +69,62 @@ def matched_density(shapes: Iterable[Shape], budget_bytes: int, element_bytes: i
         raise ValueError(f"Invalid budget value: {budget_bytes} bytes (sparse SPAM on these matrices holds between "
                          f"{mask} and {2 * elements * element_bytes + mask} bytes)")
     return round(density, 4)
+
+
+def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
+    """Bytes of the model's parameters, buffers and gradients and of the optimizer's state, as held now
+    (distributed tensors count their local shard)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    tensors += [p.grad for p in model.parameters() if p.grad is not None]
+    total = 0
+    for tensor in tensors:
+        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+        total += local.numel() * local.element_size()
+    return total + state_bytes(optimizer)
+
+
+CPU_PEAK_METHOD = ("parameters, buffers, gradients and optimizer state held before the step, plus the peak of the "
+                   "bytes torch's CPU allocator handed out during it (torch.profiler allocation events: "
+                   "activations, gradients, new state, temporaries; not Python objects or library workspaces)")
+CUDA_PEAK_METHOD = "torch.cuda.max_memory_allocated over the step (the caching allocator's live tensor bytes)"
+
+
+@contextmanager
+def step_peak_memory(model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> Iterator[dict]:
+    """Measure the peak memory of the training step run inside the block; the yielded dict receives ``bytes``
+    and ``method`` on exit (nothing on other devices, or on a CPU already under a profiler).
+
+    On CUDA this is the allocator's peak. The CPU allocator keeps no peak, so there it is the memory resident
+    before the step (:func:`resident_bytes`) plus the highest running total of the allocations made during the
+    step, which the profiler reports per allocation (``total_allocated`` counts only allocations made while
+    profiling, net of their frees)."""
+    measured: dict[str, Any] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        yield measured
+        torch.cuda.synchronize(device)
+        measured.update(bytes=torch.cuda.max_memory_allocated(device), method=CUDA_PEAK_METHOD)
+    elif device.type == "cpu" and not torch.autograd.profiler._is_profiler_enabled:  # profilers don't nest
+        before = resident_bytes(model, optimizer)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            yield measured
+        measured.update(bytes=before + _peak_allocated(prof), method=CPU_PEAK_METHOD)
+    else:
+        yield measured
+
+
+def _peak_allocated(prof: torch.profiler.profile) -> int:
+    """The highest net bytes allocated since the profile began. Each allocation event carries the reporter's
+    running total, which outlives a profile (tensors allocated under an earlier one still count), so the
+    total before the first event is the zero."""
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if "Allocation" in str(event.tag):
+            events.append((event.start_time_ns, event.extra_fields.total_allocated, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    if not events:
+        return 0
+    _, total, size = min(events)
+    return max(0, max(e[1] for e in events) - (total - size))

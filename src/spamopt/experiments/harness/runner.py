@@ -1,9 +1,14 @@
-"""Optimizers × seeds on one base config: each run in ``out_dir/<optimizer>/seed<k>``, resumed when interrupted
-and reused when finished, so a grid continues where it stopped."""
+"""Optimizers × seeds on one base config: each run in ``out_dir/<label>/seed<k>``, resumed when interrupted and
+reused when finished, so a grid continues where it stopped. Runs go one after another, or as parallel
+single-thread processes (``workers``): on a CPU, independent runs on one core each finish sooner than one run
+on every core."""
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import re
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -11,10 +16,11 @@ from typing import Any
 
 from .processes import is_rank_zero
 
-__all__ = ["parse_list", "run_dir", "finished", "run_grid"]
+__all__ = ["parse_list", "parse_labelled", "run_dir", "finished", "run_jobs", "run_grid"]
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
 def parse_list(name: str, text: str, convert: Callable[[str], Any] = str) -> list[Any]:
@@ -23,6 +29,20 @@ def parse_list(name: str, text: str, convert: Callable[[str], Any] = str) -> lis
     if not items:
         raise ValueError(f"Invalid {name} value: {text!r} (a non-empty comma-separated list)")
     return items
+
+
+def parse_labelled(name: str, text: str) -> dict[str, str]:
+    """``"a,b=c"`` → ``{"a": "a", "b": "c"}``: each entry is ``NAME`` or ``LABEL=NAME``, so one name can run
+    twice under different labels (and options). Labels name folders: letters, digits and ``._+-``, unique."""
+    entries: dict[str, str] = {}
+    for item in parse_list(name, text):
+        label, equals, target = item.partition("=")
+        label, target = label.strip(), (target.strip() if equals else label.strip())
+        if not _LABEL.fullmatch(label) or not target or label in entries:
+            raise ValueError(f"Invalid {name} value: {item!r} (NAME or LABEL=NAME; labels unique, of letters, "
+                             "digits and ._+-)")
+        entries[label] = target
+    return entries
 
 
 def run_dir(out_dir: str | Path, name: str, seed: int) -> Path:
@@ -37,17 +57,40 @@ def finished(directory: str | Path, config: Any) -> bool:
     return json.loads((directory / CONFIG).read_text()) == json.loads(json.dumps(asdict(config)))
 
 
-def run_grid(out_dir: str | Path, names: list[str], seeds: list[int], make_run: Callable[[str, int, Path], Any],
-             execute: Callable[[Any], Any]) -> None:
-    """For every (name, seed): ``make_run(name, seed, run_dir)`` gives the run's config (a dataclass written to
-    ``config.json`` by ``execute``); runs already finished under that config are skipped, the others executed
-    (which resumes them from their checkpoints)."""
-    for name in names:
-        for seed in seeds:
-            directory = run_dir(out_dir, name, seed)
-            config = make_run(name, seed, directory)
-            if finished(directory, config):
-                continue
+def _single_thread(job: tuple[Callable[[Any], Any], Any]) -> str:
+    import torch
+
+    execute, config = job
+    torch.set_num_threads(1)  # the workers share the cores: one each
+    execute(config)
+    return config.run_dir
+
+
+def run_jobs(configs: list[Any], execute: Callable[[Any], Any], workers: int = 1) -> list[Any]:
+    """``execute(config)`` for every config (a dataclass with a ``run_dir``) not finished yet, which resumes it
+    from its checkpoint; returns the configs that ran. ``workers > 1`` runs them in that many spawned processes
+    of one thread each (``execute`` must then be a module-level function)."""
+    if workers < 1:
+        raise ValueError(f"Invalid workers value: {workers} (must be >= 1)")
+    if workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError(f"Invalid workers value: {workers} (parallel workers cannot run under torchrun: use 1)")
+    pending = [config for config in configs if not finished(config.run_dir, config)]
+    if workers == 1 or len(pending) <= 1:
+        for config in pending:
             if is_rank_zero():
-                print(f"== {name}, seed {seed} -> {directory}", flush=True)
+                print(f"== {config.run_dir}", flush=True)
             execute(config)
+        return pending
+    with multiprocessing.get_context("spawn").Pool(min(workers, len(pending))) as pool:
+        jobs = [(execute, config) for config in pending]
+        for done, directory in enumerate(pool.imap_unordered(_single_thread, jobs), start=1):
+            print(f"[{done}/{len(pending)}] {directory}", flush=True)
+    return pending
+
+
+def run_grid(out_dir: str | Path, names: list[str], seeds: list[int], make_run: Callable[[str, int, Path], Any],
+             execute: Callable[[Any], Any], workers: int = 1) -> list[Any]:
+    """For every (name, seed): ``make_run(name, seed, run_dir)`` gives the run's config (a dataclass written to
+    ``config.json`` by ``execute``); :func:`run_jobs` runs those not finished under that config."""
+    configs = [make_run(name, seed, run_dir(out_dir, name, seed)) for name in names for seed in seeds]
+    return run_jobs(configs, execute, workers)

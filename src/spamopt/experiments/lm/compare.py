@@ -1,8 +1,10 @@
-"""Several optimizers × seeds on one training config, then a report: ``report.md``, ``curves.png`` and
-``results.json`` (final validation perplexity as mean ± sample std over seeds, tokens/s, optimizer state).
+"""Several optimizers × seeds on one training config, then a report: ``report.md``, ``curves.png``,
+``memory.png`` and ``results.json`` (final validation perplexity as mean ± sample std over seeds, tokens/s,
+optimizer state, peak step memory).
 
-Each run lives in ``out_dir/<optimizer>/seed<k>`` and resumes from its checkpoint, so an interrupted comparison
-continues where it stopped; finished runs are not repeated.
+Each run lives in ``out_dir/<label>/seed<k>`` and resumes from its checkpoint, so an interrupted comparison
+continues where it stopped; finished runs are not repeated. An optimizer entry is a registry name or
+``LABEL=NAME``, so one optimizer can run under several settings (``spam-sparse,sparse-0.25=spam-sparse``).
 """
 
 from __future__ import annotations
@@ -14,13 +16,16 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from spamopt.plotting import pyplot, save
+
 from ..harness.config import option
 from ..harness.memory import galore_state_bytes, matched_density, sparse_spam_state_bytes
 from ..harness.metrics import read_records
 from ..harness.processes import is_rank_zero
 from ..harness.report import mean_curve, mean_std, plot_curves
-from ..harness.runner import parse_list, run_dir, run_grid
+from ..harness.runner import parse_labelled, parse_list, run_dir, run_grid
 from .config import CONFIGS, is_block_matrix
+from .data import prepare
 from .train import TrainConfig, train
 
 # The paper's SPAM schedule (ΔT=500, N=150, D=20 over 10k+ steps) never resets in a few hundred steps; the
@@ -31,16 +36,20 @@ SHORT_RUN_SPAM = {"reset_interval": 75, "warmup_steps": 20, "clip_delay": 10}
 
 @dataclass
 class CompareConfig:
-    optimizers: str = option("spam,adamw,adam-clip", "comma-separated optimizer names")
+    optimizers: str = option("spam,adamw,adam-clip", "comma-separated optimizer names, or LABEL=NAME to run "
+                                                     "NAME under its own label and options")
     seeds: str = option("0,1", "comma-separated seeds")
     out_dir: str = option("runs/compare", "runs go to OUT/<optimizer>/seed<k>; the report to OUT")
     optimizer_args: dict[str, dict[str, Any]] = field(
         default_factory=lambda: {"spam": dict(SHORT_RUN_SPAM), "spam-sparse": dict(SHORT_RUN_SPAM),
                                  "stable-spam": {"reset_interval": SHORT_RUN_SPAM["reset_interval"]}},
-        metadata={"help": "JSON: optimizer name → constructor options; an lr entry overrides the shared lr "
-                          "(default: SPAM's schedule scaled to 200 steps; '{}' for the paper's)"})
-    match_memory: str = option("", "give spam-sparse the density whose state equals a budget on the block "
-                                   "matrices: galore:RANK (GaLore's state at that rank) or bytes:N")
+        metadata={"help": "JSON: optimizer name or label → constructor options (a label's entry updates its "
+                          "name's); an lr entry overrides the shared lr (default: SPAM's schedule scaled to 200 "
+                          "steps; '{}' for the paper's)"})
+    match_memory: str = option("", "give spam-sparse (each entry of that name without a density of its own) the "
+                                   "density whose state equals a budget on the block matrices: galore:RANK "
+                                   "(GaLore's state at that rank) or bytes:N")
+    workers: int = option(1, "runs at a time, as parallel single-thread processes (CPU; 1 under torchrun)")
 
 
 def matched_memory(spec: str, model: str) -> dict[str, Any]:
@@ -58,23 +67,26 @@ def matched_memory(spec: str, model: str) -> dict[str, Any]:
 def compare(config: CompareConfig, base: TrainConfig) -> Path:
     """Run every (optimizer, seed) not finished yet, then write the report; returns ``report.md``'s path."""
     out = Path(config.out_dir)
-    names = parse_list("optimizers", config.optimizers)
+    entries = parse_labelled("optimizers", config.optimizers)
     seeds = parse_list("seeds", config.seeds, int)
 
     matched = matched_memory(config.match_memory, base.model) if config.match_memory else None
 
-    def make_run(name: str, seed: int, directory: Path) -> TrainConfig:
-        options = dict(config.optimizer_args.get(name, {}))
+    def make_run(label: str, seed: int, directory: Path) -> TrainConfig:
+        name = entries[label]
+        options = {**config.optimizer_args.get(name, {}), **config.optimizer_args.get(label, {})}
         if matched and name == "spam-sparse":
             options.setdefault("density", matched["density"])
         lr = options.pop("lr", base.lr)
         return replace(base, optimizer=name, optimizer_args=options, lr=lr, seed=seed, resume=True,
                        run_dir=str(directory))
 
-    run_grid(out, names, seeds, make_run, train)
+    if config.workers > 1:
+        prepare(base.data_config(), base.cache_dir)  # tokenized once, before the workers start
+    run_grid(out, list(entries), seeds, make_run, train, workers=config.workers)
     if not is_rank_zero():  # under torchrun, rank 0 writes the report
         return out / "report.md"
-    return write_report(out, names, seeds, matched)
+    return write_report(out, list(entries), seeds, matched)
 
 
 CURVE_PANELS = [
@@ -85,29 +97,69 @@ CURVE_PANELS = [
 
 
 def write_report(out: Path, names: list[str], seeds: list[int], matched: dict[str, Any] | None = None) -> Path:
-    """Aggregate finished runs under ``out`` into results.json, curves.png and report.md."""
+    """Aggregate the finished runs ``out/<name>/seed<k>`` into results.json, curves.png, memory.png and
+    report.md."""
     results: dict[str, Any] = {"optimizers": {}, "matched_memory": matched}
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for name in names:
         runs = [run_dir(out, name, seed) for seed in seeds]
         summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
+        configs = [json.loads((r / "config.json").read_text()) for r in runs]
         records = [read_records(r) for r in runs]
-        throughput = [statistics.fmean(x["tokens_per_s"] for x in rec if "tokens_per_s" in x) for rec in records]
+        speeds = [x["tokens_per_s"] for rec in records for x in rec if "tokens_per_s" in x]
         ppl_mean, ppl_std = mean_std([s["val_perplexity"] for s in summaries])
+        peaks = [s["peak_step_memory_bytes"] for s in summaries if "peak_step_memory_bytes" in s]
         results["optimizers"][name] = {
+            "optimizer": configs[0]["optimizer"], "optimizer_args": configs[0]["optimizer_args"],
             "val_perplexity_mean": ppl_mean, "val_perplexity_std": ppl_std,
             "val_perplexity": [s["val_perplexity"] for s in summaries],
-            "tokens_per_s_mean": statistics.fmean(throughput),
+            "tokens_per_s_mean": statistics.fmean(speeds) if speeds else math.nan,
             "optimizer_state_bytes_per_process": summaries[0]["optimizer_state_bytes_per_process"],
+            "peak_step_memory_bytes": max(peaks) if len(peaks) == len(summaries) else None,
         }
         curves[name] = {panel["key"]: mean_curve(records, panel["key"]) for panel in CURVE_PANELS}
     first_run = run_dir(out, names[0], seeds[0])
     config = json.loads((first_run / "config.json").read_text())
     first = json.loads((first_run / "summary.json").read_text())
-    results.update(seeds=seeds, config=config, parameters=first["parameters"], device=first["device"])
+    results.update(seeds=seeds, config=config, parameters=first["parameters"], device=first["device"],
+                   peak_step_memory_method=first.get("peak_step_memory_method"))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_curves(curves, CURVE_PANELS, out / "curves.png")
+    plot_memory(results, out / "memory.png")
     return _markdown(results, out / "report.md")
+
+
+def plot_memory(results: dict[str, Any], path: Path) -> Path:
+    """Final validation perplexity (mean ± std over seeds) against optimizer-state memory, and against the
+    peak memory of a training step where measured: one point per optimizer."""
+    plt = pyplot()
+    rows = results["optimizers"]
+    panels = [("optimizer_state_bytes_per_process", "optimizer state (MiB)")]
+    if all(row["peak_step_memory_bytes"] for row in rows.values()):
+        panels.append(("peak_step_memory_bytes", "peak memory of a training step (MiB)"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (key, xlabel) in zip(axes[0], panels):
+        for name, row in rows.items():
+            if math.isfinite(row["val_perplexity_mean"]):
+                ax.errorbar(row[key] / 2**20, row["val_perplexity_mean"], yerr=row["val_perplexity_std"] or 0,
+                            marker="o", capsize=4, linestyle="none", label=name)
+        ax.set(xlabel=xlabel, ylabel="final validation perplexity",
+               title=f"mean ± std over {len(results['seeds'])} seed{'s' if len(results['seeds']) > 1 else ''}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    return save(fig, path)
+
+
+def _describe(label: str, row: dict[str, Any]) -> str:
+    """The label, with the registry name when it differs and the sparse density when set."""
+    notes = [f"`{row['optimizer']}`"] if label != row["optimizer"] else []
+    if "density" in row["optimizer_args"]:
+        notes.append(f"density {row['optimizer_args']['density']}")
+    return f"{label} ({', '.join(notes)})" if notes else label
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / 2**20:.2f} MiB"
 
 
 def _markdown(results: dict[str, Any], path: Path) -> Path:
@@ -123,23 +175,31 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
         + (f", block linears fake-quantised as `{config['quant']}`." if config.get("quant", "none") != "none" else "."),
         "",
         f"| optimizer | final validation perplexity (mean ± std, {n} seed{'s' if n > 1 else ''}) | per seed | "
-        "tokens/s | optimizer state per process |",
-        "| --- | --- | --- | --- | --- |",
+        "tokens/s | optimizer state per process | peak step memory per process |",
+        "| --- | --- | --- | --- | --- | --- |",
     ]
     for name, row in sorted(results["optimizers"].items(), key=lambda kv: kv[1]["val_perplexity_mean"]):
         std = "n/a" if row["val_perplexity_std"] is None else f"{row['val_perplexity_std']:.2f}"
         seeds = ", ".join(f"{v:.2f}" for v in row["val_perplexity"])
-        lines.append(f"| {name} | {row['val_perplexity_mean']:.2f} ± {std} | {seeds} | "
-                     f"{row['tokens_per_s_mean']:,.0f} | {row['optimizer_state_bytes_per_process'] / 2**20:.2f} MiB |")
+        label = _describe(name, row)
+        lines.append(f"| {label} | {row['val_perplexity_mean']:.2f} ± {std} | {seeds} | "
+                     f"{row['tokens_per_s_mean']:,.0f} | {_mib(row['optimizer_state_bytes_per_process'])} | "
+                     f"{_mib(row['peak_step_memory_bytes'])} |")
     matched = results.get("matched_memory")
     if matched:
         lines += ["", f"spam-sparse runs at density {matched['density']}, matched to {matched['reference']}: "
                   f"{matched['budget_bytes'] / 2**20:.2f} MiB of state on the block matrices against "
                   f"{matched['spam_sparse_bytes'] / 2**20:.2f} MiB for spam-sparse (moments and 1-bit masks)."]
     lines += ["", "![training loss and validation perplexity](curves.png)", "",
-              "Std is the sample standard deviation over seeds; tokens/s excludes evaluation and checkpointing.",
+              "![final validation perplexity against memory](memory.png)", "",
+              "Std is the sample standard deviation over seeds; tokens/s excludes evaluation, checkpointing and the "
+              "first step (measured for memory). Optimizer state is the bytes of the tensors in the optimizer's own "
+              "state (moments, masks, projectors, counters).",
               f"Perplexity is exp of the mean token cross-entropy over the first {config['eval_tokens']:,} "
               "validation tokens."]
+    if results.get("peak_step_memory_method"):
+        lines.append(f"Peak step memory (the first step of each run, the largest over seeds): "
+                     f"{results['peak_step_memory_method']}.")
     if any(math.isnan(r["val_perplexity_mean"]) for r in results["optimizers"].values()):
         lines.append("A NaN perplexity means the run diverged.")
     path.write_text("\n".join(lines) + "\n")

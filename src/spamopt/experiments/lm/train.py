@@ -23,6 +23,7 @@ from spamopt.extras import require
 
 from ..harness import checkpoint
 from ..harness.config import check_fields, option
+from ..harness.memory import step_peak_memory
 from ..harness.metrics import Metrics
 from ..harness.optimizers import OptimizerSetup, build_optimizer, state_bytes
 from ..harness.processes import Processes
@@ -88,6 +89,10 @@ class TrainConfig:
             "quant": (self.quant in SCHEMES, f"one of {', '.join(SCHEMES)}"),
         }
         check_fields(self, checks)
+
+    def data_config(self) -> DataConfig:
+        return DataConfig(source=self.data, vocab_size=self.vocab_size, tokenizer=self.tokenizer,
+                          max_train_tokens=self.max_train_tokens)
 
 
 def perplexity(loss: float) -> float:
@@ -175,8 +180,7 @@ def _set_up(config: TrainConfig) -> Run:
     if micro < 1 or config.batch_size % (micro * processes.world):
         raise ValueError(f"Invalid micro_batch_size value: {micro} (batch_size {config.batch_size} must be a "
                          f"multiple of micro_batch_size × processes = {micro} × {processes.world})")
-    data_config = DataConfig(source=config.data, vocab_size=config.vocab_size, tokenizer=config.tokenizer,
-                             max_train_tokens=config.max_train_tokens)
+    data_config = config.data_config()
     if processes.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
@@ -267,6 +271,24 @@ def _forward_backward(run: Run, windows: TokenWindows, step: int) -> Tensor:
     return step_loss
 
 
+def _optimizer_step(run: Run, windows: TokenWindows, step: int, monitor: Any, running_loss: Tensor) -> float:
+    """One optimizer step (0-based ``step``): gradients, telemetry, clipping, update, LR schedule; adds the
+    step's loss to ``running_loss`` and returns the learning rate it used."""
+    step_loss = _forward_backward(run, windows, step)
+    running_loss += step_loss
+    if monitor is not None:  # the raw gradients, before any clipping; steps numbered as in the metrics
+        monitor.observe(step=step + 1, loss=step_loss)
+    if run.config.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
+    if run.setup.clipper is not None:
+        run.setup.clipper(run.model)
+    lr = float(run.setup.optimizer.param_groups[0]["lr"])
+    run.setup.optimizer.step()
+    run.scheduler.step()
+    run.setup.optimizer.zero_grad(set_to_none=True)
+    return lr
+
+
 def train(config: TrainConfig) -> dict[str, Any]:
     """Train, evaluate, checkpoint; returns (and writes to ``summary.json``) the run's final numbers."""
     run = _set_up(config)
@@ -283,31 +305,30 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     tokens_per_step = config.batch_size * config.seq_len
     running_loss = torch.zeros((), device=processes.device)
-    clock, clock_step = time.perf_counter(), start
+    loss_from = timed_from = start  # the step the running loss and the clock count from
+    clock = time.perf_counter()
     val_loss: float | None = None
+    peak: dict[str, Any] = {}
     for step in range(start, config.steps):
-        step_loss = _forward_backward(run, windows, step)
-        running_loss += step_loss
-        if monitor is not None:  # the raw gradients, before any clipping; steps numbered as in the metrics
-            monitor.observe(step=step + 1, loss=step_loss)
-        if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-        if run.setup.clipper is not None:
-            run.setup.clipper(model)
-        lr = optimizer.param_groups[0]["lr"]
-        optimizer.step()
-        run.scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        if step == start:  # the first step is measured (and so not timed)
+            with step_peak_memory(model, optimizer, processes.device) as peak:
+                lr = _optimizer_step(run, windows, step, monitor, running_loss)
+            clock, timed_from = time.perf_counter(), step + 1
+        else:
+            lr = _optimizer_step(run, windows, step, monitor, running_loss)
         done = step + 1
 
         if done % config.log_every == 0 or done == config.steps:
-            train_loss = processes.mean(running_loss).item() / (done - clock_step)
-            tokens_per_s = tokens_per_step * (done - clock_step) / (time.perf_counter() - clock)
-            metrics.log(done, train_loss=train_loss, lr=float(lr), tokens_per_s=tokens_per_s)
+            train_loss = processes.mean(running_loss).item() / (done - loss_from)
+            record = {"train_loss": train_loss, "lr": lr}
+            if done > timed_from:
+                record["tokens_per_s"] = tokens_per_step * (done - timed_from) / (time.perf_counter() - clock)
+            metrics.log(done, **record)
             if progress is not None:
-                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record.get('tokens_per_s', 0):,.0f}",
+                                     refresh=False)
             running_loss.zero_()
-            clock, clock_step = time.perf_counter(), done
+            clock, loss_from, timed_from = time.perf_counter(), done, done
         if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
             val_loss = evaluate(model, run.data, config, processes, run.micro, run.autocast)
             metrics.log(done, val_loss=val_loss, val_perplexity=perplexity(val_loss))
@@ -323,16 +344,18 @@ def train(config: TrainConfig) -> dict[str, Any]:
     for closing in (progress, monitor, metrics):
         if closing is not None:
             closing.close()
-    return _summarize(run, val_loss)
+    return _summarize(run, val_loss, peak)
 
 
-def _summarize(run: Run, val_loss: float) -> dict[str, Any]:
+def _summarize(run: Run, val_loss: float, peak: dict[str, Any]) -> dict[str, Any]:
     summary = {
         "optimizer": run.config.optimizer, "seed": run.config.seed, "steps": run.config.steps,
         "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
         "optimizer_state_bytes_per_process": state_bytes(run.setup.optimizer),
         "parameters": run.parameters, "processes": run.processes.world, "device": str(run.processes.device),
     }
+    if peak:  # the run's first step, per process
+        summary.update(peak_step_memory_bytes=peak["bytes"], peak_step_memory_method=peak["method"])
     if run.processes.device.type == "cuda":
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(run.processes.device)
     if run.processes.rank == 0:
