@@ -1,15 +1,16 @@
 """Optimizer-state bytes of SPAM on the paper's LLaMA shapes: dense, density 0.25 on attention and MLP
 matrices (the paper's grouping), and density 0.25 on every matrix (embedding and head included); beside them
-torch's AdamW and StableSPAM (Adam's state plus a few scalars per tensor); and the paper's memory-matched pair
-(``--galore``): galore-torch's GaLoreAdamW at the paper's rank on the attention and MLP matrices, projector
-included, and sparse SPAM at the density matched to it (``harness.memory.matched_density``). Every figure
-comes from the real optimizers' state.
+torch's AdamW and StableSPAM (Adam's state plus a few scalars per tensor); and the memory-matched comparison
+(``--galore``) as the registry builds it for ``spamopt compare``: AdamW, Adam-mini, galore-torch's GaLoreAdamW at
+the paper's rank on the attention and MLP matrices (projector included), and sparse SPAM at the density matched
+to it (``harness.memory.matched_density``) and at 0.25. Every figure comes from the real optimizers' state.
 
-State is device-independent, so this runs on the CPU: each parameter is stepped once by its own SPAM instance
-and the bytes of the state it creates (moments, bitmask, counters) are summed, then freed. fp32 parameters.
+State is device-independent, so this runs on the CPU: each parameter is stepped once by its own optimizer
+instance and the bytes of the state it creates (moments, bitmasks, projectors, counters) are summed, then
+freed. fp32 parameters.
 
     python benchmarks/state_memory.py --models 60m 350m 1b     # writes results/state_memory.json
-    python benchmarks/state_memory.py --models 60m 130m 350m --galore --out results/state_memory_matched.json
+    python benchmarks/state_memory.py --models 60m 130m 350m 1b --galore --out results/state_memory_matched.json
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ import torch
 
 from spamopt import SPAM, StableSPAM
 from spamopt.experiments.harness.memory import galore_state_bytes, matched_density
-from spamopt.experiments.harness.optimizers import state_bytes
-from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
+from spamopt.experiments.harness.optimizers import build_optimizer, state_bytes
+from spamopt.experiments.lm.config import CONFIGS, is_block_matrix, optimizer_layout
 
 PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}  # GaLore's ranks in the SPAM paper
 
@@ -40,22 +41,38 @@ def _bytes(opt: torch.optim.Optimizer, param: torch.nn.Parameter) -> int:
     return state_bytes(opt)
 
 
+def _holding(name: str, param: torch.nn.Parameter) -> torch.nn.Module:
+    """A module whose only parameter is ``param`` under its full dotted ``name`` (the registry's builders and
+    Adam-mini's partition read names)."""
+    root = module = torch.nn.Module()
+    *path, leaf = name.split(".")
+    for part in path:
+        module.add_module(part, torch.nn.Module())
+        module = getattr(module, part)
+    module.register_parameter(leaf, param)
+    return root
+
+
 def matched_state_bytes(model: str) -> dict[str, int | float]:
-    """GaLore at the paper's rank and sparse SPAM at the matched density, each on the block matrices (every
-    other tensor gets the same optimizer's dense Adam state)."""
-    galore_torch = __import__("galore_torch")
+    """The memory-matched comparison's optimizers through the registry, as ``spamopt compare`` builds them:
+    AdamW, Adam-mini, GaLore at the paper's rank and sparse SPAM at the matched density and at 0.25 (the
+    last three on the block matrices, Adam-like state elsewhere). Each parameter is stepped alone."""
     rank = PAPER_RANKS[model]
-    shapes = CONFIGS[model].parameter_shapes()
+    config = CONFIGS[model]
+    shapes = config.parameter_shapes()
     blocks = [s for n, s in shapes.items() if is_block_matrix(n, s)]
     density = matched_density(blocks, galore_state_bytes(blocks, rank))
-    totals: dict[str, int | float] = {"galore": 0, "spam_sparse_matched": 0, "rank": rank, "density": density}
+    setups = {"adamw": ("adamw", {}), "adam_mini": ("adam-mini", {}), "galore": ("galore", {"rank": rank}),
+              "spam_sparse_matched": ("spam-sparse", {"density": density}),
+              "spam_sparse_0.25": ("spam-sparse", {"density": 0.25})}
+    totals: dict[str, int | float] = {key: 0 for key in setups} | {"rank": rank, "density": density}
     for name, shape in shapes.items():
         param = torch.nn.Parameter(torch.zeros(shape))
         param.grad = torch.randn(shape)
-        block = is_block_matrix(name, shape)
-        group = {"params": [param], "rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
-        totals["galore"] += _bytes(galore_torch.GaLoreAdamW([group] if block else [param]), param)
-        totals["spam_sparse_matched"] += _bytes(SPAM([param], density=density if block else 1.0), param)
+        holder = _holding(name, param)
+        for key, (registry_name, options) in setups.items():
+            setup = build_optimizer(registry_name, holder, optimizer_layout(config), lr=1e-3, options=options)
+            totals[key] += _bytes(setup.optimizer, param)
     return totals
 
 
@@ -81,7 +98,7 @@ def main() -> None:
     for model in args.models:
         if args.galore:
             report[model] = matched_state_bytes(model)
-            print(model, {k: f"{v / 2**20:,.1f} MiB" if k in ("galore", "spam_sparse_matched") else v
+            print(model, {k: v if k in ("rank", "density") else f"{v / 2**20:,.1f} MiB"
                           for k, v in report[model].items()})
             continue
         totals = spam_state_bytes(model)
