@@ -102,6 +102,11 @@ class ModelLayout:
         return matrices, others
 
 
+def _adam(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
+          options: dict[str, Any]) -> OptimizerSetup:
+    return OptimizerSetup(torch.optim.Adam(model.parameters(), lr=lr, weight_decay=weight_decay, **options))
+
+
 def _adamw(model: nn.Module, layout: ModelLayout, lr: float, weight_decay: float,
            options: dict[str, Any]) -> OptimizerSetup:
     return OptimizerSetup(torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay, **options))
@@ -184,6 +189,7 @@ WRAPPED = "+adagn"  # "<name>+adagn": a registered optimizer behind AdaClip and 
 _WRAPPER_OPTIONS = ("gamma1", "gamma2", "gamma3", "eps_adagn", "adaclip")
 
 OPTIMIZERS: dict[str, Builder] = {
+    "adam": _adam,
     "adamw": _adamw,
     "adam-clip": _adam_clip,
     "adafactor": _adafactor,

@@ -47,7 +47,7 @@ class TrainConfig:
     seq_len: int = option(128, "tokens per training sequence")
     batch_size: int = option(16, "sequences per optimizer step, over all processes and micro-steps")
     micro_batch_size: int = option(0, "sequences per process per forward pass; 0: batch_size / processes")
-    optimizer: str = option("spam", "adamw, adam-clip, adafactor, lion, adam-mini, galore, zclip, spam, "
+    optimizer: str = option("spam", "adam, adamw, adam-clip, adafactor, lion, adam-mini, galore, zclip, spam, "
                                     "spam-sparse, stable-spam; NAME+adagn wraps NAME in AdaClip + AdaGN")
     optimizer_args: dict[str, Any] = option(dict, "JSON object passed to the optimizer's constructor")
     quant: str = option("none", "fake-quantise the block's linear layers: none, int4, int8, fp4 (the released "

@@ -1,0 +1,51 @@
+"""PatchTST from Hugging Face ``transformers`` (``PatchTSTForPrediction``), configured as the PatchTST paper
+configures it for ETT, and its layout for the optimizer registry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+
+from spamopt.extras import require
+
+from ..harness.optimizers import ModelLayout
+
+__all__ = ["PatchTSTShape", "build_patchtst", "patchtst_layout"]
+
+
+@dataclass(frozen=True)
+class PatchTSTShape:
+    """PatchTST/42's ETTh1 settings (Nie et al., 2023): patches of 16 with stride 8, a 3-layer encoder of
+    width 16 with 4 heads and a 128-wide feed-forward, dropout 0.3, a flatten-and-project head; channel
+    independence and per-instance standardisation (RevIN without its affine part) as in the paper."""
+
+    patch_length: int = 16
+    patch_stride: int = 8
+    d_model: int = 16
+    heads: int = 4
+    layers: int = 3
+    ffn: int = 128
+    dropout: float = 0.3
+
+
+def build_patchtst(channels: int, lookback: int, horizon: int, shape: PatchTSTShape) -> nn.Module:
+    transformers = require("transformers", "ts")
+    config = transformers.PatchTSTConfig(
+        num_input_channels=channels, context_length=lookback, prediction_length=horizon,
+        patch_length=shape.patch_length, patch_stride=shape.patch_stride, d_model=shape.d_model,
+        num_attention_heads=shape.heads, num_hidden_layers=shape.layers, ffn_dim=shape.ffn,
+        dropout=shape.dropout, head_dropout=0.0, pooling_type=None,  # PatchTST's flatten head
+        scaling="std",  # per-instance standardisation (RevIN, affine=False as in PatchTST's ETT scripts)
+        share_embedding=True, channel_attention=False, do_mask_input=False, loss="mse")
+    return transformers.PatchTSTForPrediction(config)
+
+
+def _encoder_matrix(name: str, shape: tuple[int, ...]) -> bool:
+    return len(shape) == 2 and ".encoder.layers." in name
+
+
+def patchtst_layout(shape: PatchTSTShape) -> ModelLayout:
+    """The attention and feed-forward matrices of the encoder are the block matrices (sparse momentum,
+    GaLore); patch embedding, norms and head stay dense."""
+    return ModelLayout(is_block_matrix=_encoder_matrix, hidden=shape.d_model, heads=shape.heads)
