@@ -82,7 +82,7 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tiny, tmp_path):
 
 def test_anomalies_reach_only_training_inputs(tiny, monkeypatch):
     """Every array handed to the injection is a batch of training-split inputs (never a target, never a
-    validation or test window), and evaluation sees the clean splits."""
+    validation or test window), each training window once per epoch."""
     data = split(read_csv(tiny.data), tiny.lookback, tiny.horizon)
     seen = []
     original = ts_train.inject_anomalies
