@@ -20,48 +20,12 @@ from spamopt.optim.schedule import is_mask_redraw_step
 
 from .probes import Allocations, HostReads
 from .streams import set_grads, spiky_gradients
+from .stress import DEVICE, HYPER
+from .stress import run_steps as _run
+from .stress import stress_groups as _groups
+from .stress import stress_params as _params
 
 triton = pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-HYPER = dict(lr=1e-2, weight_decay=0.1, reset_interval=5, warmup_steps=2, clip_delay=1, threshold=4.0)
-
-
-def _params(dtype: torch.dtype, seed: int = 0) -> list[torch.nn.Parameter]:
-    """Shapes that stress the chunking: one element, odd sizes, more than one 4096-element chunk with a
-    ragged tail, a 0-dim and an empty tensor, a transposed (non-contiguous) matrix and 40 tiny tensors."""
-    gen = torch.Generator().manual_seed(seed)
-    shapes = [(1,), (7,), (3, 5), (70, 90), (4097,), (), (0,), (33, 129)]
-    params = [torch.randn(s, generator=gen) * 0.1 for s in shapes]
-    params.append((torch.randn(90, 60, generator=gen) * 0.1).t())  # non-contiguous
-    params += [torch.randn(3, generator=gen) for _ in range(40)]
-    return [torch.nn.Parameter(p.to(device=DEVICE, dtype=dtype)) for p in params]
-
-
-def _groups(params, density):
-    matrices = [p for p in params if p.dim() == 2]
-    others = [p for p in params if p.dim() != 2]
-    return [{"params": matrices, "density": density}, {"params": others}]
-
-
-def _run(implementation: dict, dtype: torch.dtype, density: float, steps: int = 12, nonfinite_at: int = 7,
-         **overrides):
-    params = _params(dtype)
-    opt = SPAM(_groups(params, density), **{**HYPER, **overrides, **implementation})
-    opt.record_statistics = True
-    stream = spiky_gradients([tuple(p.shape) for p in params], steps, seed=1, spike_rate=0.05)
-    counts = []
-    for step, grads in enumerate(stream, start=1):
-        if step == nonfinite_at:
-            grads[3][0, 0] = float("nan")
-        set_grads(params, grads)
-        given = [p.grad.clone() for p in params]
-        opt.step()
-        for p, g in zip(params, given):  # p.grad is read only
-            torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
-        counts.append([int(opt.last_statistics["clipped"].get(p, 0)) for p in params])
-    return params, opt, counts
-
-
 @pytest.mark.parametrize("density", [1.0, 0.25])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_matches_the_for_loop(dtype, density):

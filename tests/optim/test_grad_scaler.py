@@ -10,7 +10,8 @@ from spamopt import SPAM
 
 from .probes import HostReads
 
-IMPLEMENTATIONS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True)}
+IMPLEMENTATIONS = {"forloop": dict(foreach=False), "foreach": dict(foreach=True), "fused": dict(fused=True),
+                   "compiled": dict(compiled=True)}
 SMALL = dict(lr=1e-2, reset_interval=4, warmup_steps=2, clip_delay=1, threshold=5.0)
 OVERFLOW_STEP = 5  # a gradient coordinate is made infinite after this step's backward
 

@@ -84,13 +84,14 @@ def validate_common(group: dict[str, Any]) -> None:
     check_number("weight_decay", group["weight_decay"], 0.0, accepted="must be a finite number >= 0")
     for flag in ("maximize", "skip_nonfinite", "capturable"):
         check_flag(flag, group[flag])
-    if group["capturable"] and (group["fused"] is False or group["foreach"]):
+    if group["capturable"] and (group["fused"] is False or group["foreach"] or group.get("compiled")):
         raise ValueError("Invalid capturable value: True (needs the fused implementation: fused=True or None)")
-    for flag in ("foreach", "fused"):
-        if group[flag] is not None:
+    for flag in ("foreach", "fused", "compiled"):
+        if group.get(flag) is not None:
             check_flag(flag, group[flag])
-    if group["foreach"] and group["fused"]:
-        raise ValueError("Invalid foreach/fused values: True/True (choose one implementation)")
+    chosen = [flag for flag in ("foreach", "fused", "compiled") if group.get(flag)]
+    if len(chosen) > 1:
+        raise ValueError(f"Invalid {'/'.join(chosen)} values: all True (choose one implementation)")
 
 
 # ---------------------------------------------------------------------------------------- tensors
@@ -328,12 +329,33 @@ class SpikeAwareOptimizer(Optimizer):
 
         return param.dtype in FUSED_DTYPES and fused_available(local(param).device)
 
-    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
-        """``"fused"``, ``"foreach"`` or ``"forloop"`` for this group's parameters.
+    #: Below this many elements in a group the compiled step is not the default on the CPU: compiling
+    #: (about 20 s here, cached on disk afterwards) would cost more than it saves in a short run.
+    compile_min_numel: int = 10_000_000
 
-        ``fused=None`` and ``foreach=None`` (the defaults) pick fused where it runs compiled (CUDA with Triton,
-        every parameter qualifying), else foreach on CUDA, else the for-loop reference.
+    def _compilable(self, param: Tensor) -> bool:
+        """A ``torch.compile`` implementation can step this parameter (subclasses that have one say so)."""
+        return False
+
+    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        """``"fused"``, ``"compiled"``, ``"foreach"`` or ``"forloop"`` for this group's parameters.
+
+        ``fused=None``, ``compiled=None`` and ``foreach=None`` (the defaults) pick fused where it runs compiled
+        (CUDA with Triton, every parameter qualifying), else the compiled step on a CPU with a C++ compiler for
+        groups of at least :attr:`compile_min_numel` elements, else foreach on CUDA, else the for-loop
+        reference.
         """
+        compiled = group.get("compiled")
+        if compiled is None:
+            compiled = (group["fused"] is None and group["foreach"] is None and not group["capturable"] and all(
+                p.device.type == "cpu" and self._compilable(p) for p in params)
+                and sum(p.numel() for p in params) >= self.compile_min_numel)
+        elif compiled and not all(self._compilable(p) for p in params):
+            raise RuntimeError(f"compiled=True needs torch.compile's backend for every parameter (a C++ compiler on "
+                               f"the CPU, Triton on CUDA) and an optimizer with a compiled step "
+                               f"({type(self).__name__})")
+        if compiled:
+            return "compiled"
         foreach, fused = group["foreach"], group["fused"]
         if fused is None:
             fused = foreach is None and all(p.is_cuda and self._fusable(p) for p in params)

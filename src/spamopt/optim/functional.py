@@ -1,7 +1,7 @@
-r"""SPAM's update, written once per implementation: a for-loop reference, a multi-tensor (foreach) path and a
-fused Triton kernel (:mod:`.fused`).
+r"""SPAM's update, written once per implementation: a for-loop reference, a multi-tensor (foreach) path, a
+fused Triton kernel (:mod:`.fused`) and a ``torch.compile``-generated loop (:mod:`.compiled`).
 
-All three take the same arguments and are tested to agree to floating-point rounding. The caller
+All four take the same arguments and are tested to agree to floating-point rounding. The caller
 (:class:`spamopt.SPAM`) reads its step clock and passes the *decisions* of this step (reset or not, clip
 threshold in force, post-reset multiplier) as plain Python values; everything that depends on the data
 (the non-finite skip flag, the per-parameter bias-correction count) stays a device tensor, so a step never
@@ -30,6 +30,7 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from numbers import Number
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -259,6 +260,89 @@ def _fused_spam(
                 clip_counts[i] = counts[k]
 
 
+def _flat(t: Tensor) -> Tensor:
+    """A 1-D tensor over ``t``'s memory to update in place, made with ``set_`` rather than as a view so that a
+    compiled kernel is guarded on no base tensor's shape (a contiguous copy, written back by the caller,
+    when ``t`` is not contiguous)."""
+    if not t.is_contiguous():
+        return t.reshape(-1).clone()
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),))
+
+
+def _compiled_spam(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    mask_bits: list[Tensor | None],
+    h: SpamStep,
+    *,
+    keep: Tensor | None,
+    clip_counts: list[Tensor | None] | None,
+    grad_scale: Tensor | None,
+) -> None:
+    from . import compiled
+
+    unscale = inverse_scale(grad_scale)
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        by_device[p.device].append(i)
+    for device, index in by_device.items():
+        ms = [real_view(exp_avgs[i]) for i in index]
+        vs = [real_view(exp_avg_sqs[i]) for i in index]
+        ks = [steps[i] for i in index]
+        keep_float = torch.ones((), device=device) if keep is None else keep.to(device, torch.float32)
+        if h.reset:
+            torch._foreach_zero_(ms)
+            torch._foreach_zero_(vs)
+            if h.bias_correction_reset:
+                torch._foreach_zero_(ks)
+        torch._foreach_add_(ks, [keep_float] * len(ks))
+        sizes = _step_sizes(ks, h, h.warmup_multiplier * keep_float.double(), torch.float64)
+        factor = (1.0 if unscale is None else unscale.to(device).double()) * (-1.0 if h.maximize else 1.0)
+        decay = 1.0 - h.lr * h.weight_decay * keep_float.double()
+        values = [keep_float.double(), h.threshold, float(h.clip_unseen), factor, decay, 1.0 - h.beta1, 1.0 - h.beta2,
+                  h.eps]
+        scalars = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(()) for x in values])
+        kernel = compiled.spam_kernel(clip_counts is not None)
+        with compiled.limits():
+            _compiled_updates(index, params, grads, ms, vs, mask_bits, sizes, scalars, decay, kernel, h, clip_counts)
+
+
+def _compiled_updates(index: list[int], params: list[Tensor], grads: list[Tensor], ms: list[Tensor],
+                      vs: list[Tensor], mask_bits: list[Tensor | None], sizes: Tensor, scalars: Tensor,
+                      decay: Tensor, kernel: Any, h: SpamStep, clip_counts: list[Tensor | None] | None) -> None:
+    """The compiled kernel on each parameter of one device (``ms``, ``vs``, ``sizes`` indexed like ``index``)."""
+    sparse_scalars = scalars.clone()
+    sparse_scalars[4] = 1.0  # a sparse parameter decays all its coordinates after the scatter
+    for k, i in enumerate(index):
+        # Detached, and a step size that is no view: the kernel is guarded on neither.
+        param, m, v, grad = real_view(params[i].detach()), ms[k], vs[k], real_view(grads[i])
+        if m.numel() == 0:  # nothing to update (an empty tensor, or a sparse one with nothing kept)
+            if h.weight_decay != 0:
+                param.mul_(decay.to(param.dtype))
+            continue
+        size = sizes[k].clone()
+        if mask_bits[i] is None:
+            work, flat_m, flat_v = _flat(param), _flat(m), _flat(v)
+            clipped = kernel(work, _flat(grad), flat_m, flat_v, size, scalars)
+            for target, flat in ((param, work), (m, flat_m), (v, flat_v)):
+                if flat.data_ptr() != target.data_ptr():
+                    target.copy_(flat.view_as(target))
+        else:
+            mask = sparse.unpack_mask(mask_bits[i], param.numel())
+            full = param.to(m.dtype)
+            work = sparse.gather(full, mask)
+            clipped = kernel(_flat(work), sparse.gather(grad, mask), _flat(m), _flat(v), size, sparse_scalars)
+            sparse.scatter_(full, mask, work)
+            full.mul_(decay.to(full.dtype))
+            if full is not param:
+                param.copy_(full)
+        if clip_counts is not None and h.threshold > 0:
+            clip_counts[i] = clipped
+
+
 def spam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -283,8 +367,8 @@ def spam(
         mask_bits: per parameter, ``None`` (dense) or its packed bitmask of kept coordinates (:mod:`.sparse`).
         h: the group's hyperparameters and this step's decisions.
         keep: 0-dim boolean tensor, ``False`` to skip this step; ``None`` zeroes non-finite coordinates.
-        implementation: ``"fused"`` (the Triton kernel, :mod:`.fused`), ``"foreach"`` (multi-tensor) or
-            ``"forloop"`` (the reference).
+        implementation: ``"fused"`` (the Triton kernel, :mod:`.fused`), ``"compiled"`` (a ``torch.compile``
+            loop per tensor, :mod:`.compiled`), ``"foreach"`` (multi-tensor) or ``"forloop"`` (the reference).
         clip_counts: optional list as long as ``params``; when clipping is active, entry ``i`` is set to a
             0-dim tensor counting the coordinates of parameter ``i`` clipped this step.
         grad_scale: the loss scale of ``torch.amp.GradScaler`` (1-element device tensor): gradients are
@@ -295,9 +379,12 @@ def spam(
     options = dict(keep=keep, clip_counts=clip_counts, grad_scale=grad_scale)
     if implementation == "fused":
         _fused_spam(*arrays, h, **options, num_warps=num_warps)
+    elif implementation == "compiled":
+        _compiled_spam(*arrays, h, **options)
     elif implementation == "foreach":
         _multi_tensor_spam(*arrays, h, **options)
     elif implementation == "forloop":
         _single_tensor_spam(*arrays, h, **options)
     else:
-        raise ValueError(f"Invalid implementation value: {implementation!r} (one of 'fused', 'foreach', 'forloop')")
+        raise ValueError(f"Invalid implementation value: {implementation!r} (one of 'fused', 'compiled', 'foreach', "
+                         "'forloop')")

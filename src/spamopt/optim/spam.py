@@ -83,6 +83,10 @@ class SPAM(SpikeAwareOptimizer):
             float32/bfloat16/float16 parameters; CUDA, or the CPU under ``TRITON_INTERPRET=1``). ``None`` (for
             both flags) picks fused when every parameter of the group qualifies and Triton is installed, else
             foreach on CUDA, else the for-loop reference.
+        compiled: use one ``torch.compile``-generated loop per tensor (:mod:`spamopt.optim.compiled`; a C++
+            compiler on the CPU, Triton on CUDA). It is the default on the CPU (when every flag is ``None``)
+            for groups of at least ``SPAM.compile_min_numel`` (10M) elements, where compiling (about 20 s,
+            cached on disk afterwards) pays for itself; ``compiled=False`` turns it off.
         capturable: keep the step clock on the device and take every decision (reset, clipping in force,
             warmup multiplier, skip) there, so ``step()`` can be captured in a CUDA graph and replayed. Needs
             the fused implementation, ``density=1`` and the same value in every group; give ``lr`` as a
@@ -143,6 +147,7 @@ class SPAM(SpikeAwareOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        compiled: bool | None = None,
         capturable: bool = False,
         skip_nonfinite: bool = True,
         reference_compat: bool = False,
@@ -151,7 +156,7 @@ class SPAM(SpikeAwareOptimizer):
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, threshold=threshold,
             reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay, density=density,
             bias_correction_reset=bias_correction_reset, maximize=maximize, foreach=foreach,
-            fused=fused, capturable=capturable, skip_nonfinite=skip_nonfinite,
+            fused=fused, compiled=compiled, capturable=capturable, skip_nonfinite=skip_nonfinite,
             reference_compat=reference_compat,
         )
         super().__init__(params, defaults)
@@ -166,6 +171,11 @@ class SPAM(SpikeAwareOptimizer):
         for key, value in _SPAM_DEFAULT_FLAGS.items():
             for group in self.param_groups:
                 group.setdefault(key, value)
+
+    def _compilable(self, param: Tensor) -> bool:
+        from .compiled import compiled_available
+
+        return (param.is_floating_point() or param.is_complex()) and compiled_available(local(param).device.type)
 
     # ----------------------------------------------------------------------------------------- state
 
