@@ -9,7 +9,9 @@ SPAM's default ``skip_nonfinite=True`` reads every gradient once more (a device-
 finite, 4 bytes per parameter: a 32-byte floor); ``*_noskip`` rows turn it off and are the like-for-like
 comparison with torch's AdamW, which does no such check. ``pytorch_optimizer_spam`` (the packaged SPAM of
 pytorch-optimizer, ``pip install pytorch-optimizer``) is measured when installed. ``--num-warps`` repeats the
-fused rows for each Triton warp count.
+fused rows for each Triton warp count. ``spam_compiled*`` rows are ``SPAM(compiled=True)``; their first step
+(``first_step_s``, with the state's creation) includes compiling the kernel, cached on disk for later runs
+(clear ``/tmp/torchinductor_$USER`` to measure a cold compile).
 
     python benchmarks/step_speed.py                              # CPU, LLaMA-60M shapes
     python benchmarks/step_speed.py --device cuda --models 350m 1b --num-warps 4 8 16
@@ -28,7 +30,7 @@ import torch
 
 from spamopt import SPAM, StableSPAM
 from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
-from spamopt.optim import fused
+from spamopt.optim import compiled, fused
 
 FLOOR_BYTES_PER_PARAMETER = 28  # fp32: read p, g, m, v; write p, m, v
 
@@ -71,6 +73,12 @@ def _candidates(named, device: str, num_warps: list[int]) -> dict:
         pass
     else:  # its clip delay is called grad_accu_steps
         candidates["pytorch_optimizer_spam"] = lambda: pytorch_optimizer.SPAM(params, lr=1e-3, grad_accu_steps=0)
+    if compiled.compiled_available(device):
+        candidates.update({
+            "spam_compiled": lambda: SPAM(params, lr=1e-3, compiled=True, clip_delay=0),
+            "spam_compiled_noskip": lambda: SPAM(params, lr=1e-3, compiled=True, clip_delay=0, skip_nonfinite=False),
+            "spam_sparse25_compiled": lambda: SPAM(sparse_groups, lr=1e-3, compiled=True, clip_delay=0),
+        })
     if device == "cuda" and fused.fused_available(torch.device(device)):
         all_matrices = [{"params": [p for p in params if p.dim() == 2], "density": 0.25},
                         {"params": [p for p in params if p.dim() != 2]}]
@@ -119,6 +127,10 @@ def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float
             p.data.copy_(weights)
             p.grad.copy_(grad)
         opt = make()
+        start = time.perf_counter()
+        opt.step()  # creates the state; compiles the compiled rows' kernels (cached on disk after a first run)
+        _sync(device)
+        first_step_s = time.perf_counter() - start
         for _ in range(warmup):
             opt.step()
         _sync(device)
@@ -131,7 +143,8 @@ def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float
             opt.step()
             _sync(device)
             times.append(time.perf_counter() - start)
-        row = {"ms_per_step": 1e3 * statistics.median(times), "state_bytes": _state_bytes(opt)}
+        row = {"ms_per_step": 1e3 * statistics.median(times), "state_bytes": _state_bytes(opt),
+               "first_step_s": first_step_s}
         if device == "cuda":
             row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
         rows[name] = row
@@ -168,11 +181,11 @@ def main() -> None:
         print(f"\nLLaMA-{model} shapes, {run['parameters'] / 1e6:.1f}M parameters, {device_name}, "
               f"28-byte floor {run['floor_ms']:.2f} ms")
         print(f"{'implementation':<28}{'ms/step':>10}{'vs floor':>10}{'vs fused':>10}{'vs foreach':>12}"
-              f"{'state MiB':>11}{'peak extra MiB':>16}")
+              f"{'state MiB':>11}{'peak extra MiB':>16}{'first step s':>14}")
         for name, row in run["results"].items():
             print(f"{name:<28}{row['ms_per_step']:>10.2f}{row['vs_floor']:>10.2f}{row['vs_adamw_fused']:>10.2f}"
                   f"{row['vs_adamw_foreach']:>12.2f}{row['state_bytes'] / 2**20:>11.1f}"
-                  f"{row.get('peak_extra_bytes', float('nan')) / 2**20:>16.1f}")
+                  f"{row.get('peak_extra_bytes', float('nan')) / 2**20:>16.1f}{row['first_step_s']:>14.2f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2))
     print(f"\nwrote {args.out}")
