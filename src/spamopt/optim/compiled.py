@@ -46,8 +46,9 @@ def _update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, st
     through keep when the optimizer skips them)."""
     dtype = exp_avg.dtype
     keep, threshold, clip_unseen, factor, decay, one_minus_beta1, one_minus_beta2, eps = scalars.to(dtype).unbind(0)
-    g = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0).to(dtype) * factor
-    g = torch.where(keep > 0, g, 0.0)
+    grad = grad.to(dtype)
+    # |g| < inf is False for NaN and ±Inf: one vector compare (nan_to_num's isnan is a scalar loop on the CPU).
+    g = torch.where((grad.abs() < float("inf")) & (keep > 0), grad, 0.0) * factor
     bound = (exp_avg_sq * threshold).sqrt()
     bound = torch.where((exp_avg_sq == 0) & (clip_unseen == 0), float("inf"), bound)
     over = g.abs() > bound
