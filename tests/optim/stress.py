@@ -48,3 +48,25 @@ def run_steps(implementation: dict, dtype: torch.dtype, density: float, steps: i
             torch.testing.assert_close(p.grad, g, rtol=0, atol=0, equal_nan=True)
         counts.append([int(opt.last_statistics["clipped"].get(p, 0)) for p in params])
     return params, opt, counts
+
+
+def assert_agrees_with_reference(reference: tuple, run: tuple, dtype: torch.dtype) -> None:
+    """``run`` = (params, optimizer, clip counts) of :func:`run_steps` agrees with the for-loop's ``reference``:
+    parameters within one unit in the last place (fp32: 1e-5; half precision also 1e-4 absolute, as both
+    compute in fp32 and round once in a different operation order, and a unit once apart stays apart as the
+    value shrinks), fp32 moments to 1e-5, bias-correction and skip counts exactly, clip counts exactly in fp32;
+    clipping fired and the non-finite step was skipped, so the comparison saw both."""
+    (ref_params, ref_opt, ref_counts), (params, opt, counts) = reference, run
+    ulp = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    for ref, got in zip(ref_params, params):
+        torch.testing.assert_close(got, ref, rtol=ulp, atol=1e-6 if dtype == torch.float32 else 1e-4)
+        ref_state, state = ref_opt.state[ref], opt.state[got]
+        assert state["exp_avg"].dtype == torch.float32
+        for key in ("exp_avg", "exp_avg_sq"):
+            torch.testing.assert_close(state[key], ref_state[key], rtol=1e-5, atol=1e-9)
+        for key in ("step", "skipped_steps"):
+            assert torch.equal(state[key], ref_state[key])
+    if dtype == torch.float32:
+        assert counts == ref_counts
+    assert sum(map(sum, ref_counts)) > 0, "clipping never fired: the test would not see it"
+    assert ref_opt.state[ref_params[0]]["skipped_steps"] == 1

@@ -13,7 +13,7 @@ from spamopt import SPAM
 from spamopt.optim import compiled
 
 from .streams import set_grads, spiky_gradients
-from .stress import HYPER, run_steps
+from .stress import HYPER, assert_agrees_with_reference, run_steps
 
 pytestmark = pytest.mark.skipif(not compiled.compiled_available("cuda" if torch.cuda.is_available() else "cpu"),
                                 reason="torch.compile needs a C++ compiler (CPU) or Triton (CUDA)")
@@ -22,22 +22,10 @@ pytestmark = pytest.mark.skipif(not compiled.compiled_available("cuda" if torch.
 @pytest.mark.parametrize("density", [1.0, 0.25])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_compiled_matches_the_for_loop(dtype, density):
-    """Parameters to the for-loop's within one unit in the last place (fp32 1e-5; half precision: both compute
-    in fp32 and round once, in a different operation order, hence also an absolute 1e-4 as for the fused
-    kernel), fp32 moments to 1e-5, bias-correction and skip counts exactly, clip counts exactly in fp32."""
-    ref_params, ref_opt, ref_counts = run_steps({"foreach": False}, dtype, density)
-    params, opt, counts = run_steps({"compiled": True}, dtype, density)
-    ulp = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
-    for ref, got in zip(ref_params, params):
-        torch.testing.assert_close(got, ref, rtol=ulp, atol=1e-6 if dtype == torch.float32 else 1e-4)
-        ref_state, state = ref_opt.state[ref], opt.state[got]
-        for key in ("exp_avg", "exp_avg_sq"):
-            torch.testing.assert_close(state[key], ref_state[key], rtol=1e-5, atol=1e-9)
-        for key in ("step", "skipped_steps"):
-            assert torch.equal(state[key], ref_state[key])
-    if dtype == torch.float32:
-        assert counts == ref_counts
-    assert sum(map(sum, ref_counts)) > 0, "clipping never fired: the test would not see it"
+    """Parameters, moments, counts and clip counts agree with the for-loop's as the fused kernel's do
+    (:func:`assert_agrees_with_reference` states the tolerances)."""
+    assert_agrees_with_reference(run_steps({"foreach": False}, dtype, density),
+                                 run_steps({"compiled": True}, dtype, density), dtype)
 
 
 @pytest.mark.parametrize("overrides", [{"maximize": True}, {"bias_correction_reset": True}, {"reference_compat": True},
