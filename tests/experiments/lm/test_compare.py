@@ -67,7 +67,8 @@ def test_match_memory_sets_the_sparse_density_and_reports_both_figures(small_run
 def test_labelled_entries_memory_figure_and_parallel_workers(small_run, tmp_path):
     """The issue's memory comparison in miniature: spam-sparse at the matched density and, under a label, at
     0.25, run by two single-thread workers. Each row keeps its own density and state (the 0.25 one holds less),
-    every run measured its peak step memory, which exceeds its optimizer state, and the report carries the
+    every run measured its peak step memory, which holds weights, gradients and the whole state (so AdamW's
+    peak is above sparse SPAM's by a good part of the state it saves), and the report carries the
     perplexity-against-memory figure."""
     pytest.importorskip("matplotlib")
     out = tmp_path / "memory"
@@ -83,8 +84,12 @@ def test_labelled_entries_memory_figure_and_parallel_workers(small_run, tmp_path
     assert matched > 0.25 and (rows["sparse-0.25"]["optimizer_state_bytes_per_process"]
                                < rows["spam-sparse"]["optimizer_state_bytes_per_process"]
                                < rows["adamw"]["optimizer_state_bytes_per_process"])
-    for row in rows.values():
-        assert row["peak_step_memory_bytes"] > row["optimizer_state_bytes_per_process"]
+    parameter_bytes = 4 * json.loads((out / "results.json").read_text())["parameters"]
+    for row in rows.values():  # weights, their gradients and the whole state are alive in a measured step
+        assert row["peak_step_memory_bytes"] >= 2 * parameter_bytes + row["optimizer_state_bytes_per_process"]
+    state_saved = (rows["adamw"]["optimizer_state_bytes_per_process"]
+                   - rows["sparse-0.25"]["optimizer_state_bytes_per_process"])
+    assert rows["adamw"]["peak_step_memory_bytes"] - rows["sparse-0.25"]["peak_step_memory_bytes"] >= state_saved // 2
     assert "| sparse-0.25 (`spam-sparse`, density 0.25) |" in report
     assert f"| spam-sparse (density {matched}) |" in report
     assert "![final validation perplexity against memory](memory.png)" in report

@@ -193,12 +193,12 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
     lines += ["", "![training loss and validation perplexity](curves.png)", "",
               "![final validation perplexity against memory](memory.png)", "",
               "Std is the sample standard deviation over seeds; tokens/s excludes evaluation, checkpointing and the "
-              "first step (measured for memory). Optimizer state is the bytes of the tensors in the optimizer's own "
+              "second step (measured for memory). Optimizer state is the bytes of the tensors in the optimizer's own "
               "state (moments, masks, projectors, counters).",
               f"Perplexity is exp of the mean token cross-entropy over the first {config['eval_tokens']:,} "
               "validation tokens."]
     if results.get("peak_step_memory_method"):
-        lines.append(f"Peak step memory (the first step of each run, the largest over seeds): "
+        lines.append(f"Peak step memory (the second step of each run, the largest over seeds): "
                      f"{results['peak_step_memory_method']}.")
     if any(math.isnan(r["val_perplexity_mean"]) for r in results["optimizers"].values()):
         lines.append("A NaN perplexity means the run diverged.")

@@ -309,8 +309,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     clock = time.perf_counter()
     val_loss: float | None = None
     peak: dict[str, Any] = {}
+    # The second step of the process is measured (and so not timed): by then the optimizer state exists for
+    # the whole step, as in every later one (during the first, it appears only after the backward's peak).
+    measured = start + 1 if start + 1 < config.steps else start
     for step in range(start, config.steps):
-        if step == start:  # the first step is measured (and so not timed)
+        if step == measured:
             with step_peak_memory(model, optimizer, processes.device) as peak:
                 lr = _optimizer_step(run, windows, step, monitor, running_loss)
             clock, timed_from = time.perf_counter(), step + 1
@@ -354,7 +357,7 @@ def _summarize(run: Run, val_loss: float, peak: dict[str, Any]) -> dict[str, Any
         "optimizer_state_bytes_per_process": state_bytes(run.setup.optimizer),
         "parameters": run.parameters, "processes": run.processes.world, "device": str(run.processes.device),
     }
-    if peak:  # the run's first step, per process
+    if peak:  # the run's second step, per process
         summary.update(peak_step_memory_bytes=peak["bytes"], peak_step_memory_method=peak["method"])
     if run.processes.device.type == "cuda":
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(run.processes.device)
