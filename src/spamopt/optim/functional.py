@@ -30,7 +30,6 @@ import math
 from collections import defaultdict
 from dataclasses import dataclass
 from numbers import Number
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -305,42 +304,35 @@ def _compiled_spam(
         values = [keep_float.double(), h.threshold, float(h.clip_unseen), factor, decay, 1.0 - h.beta1, 1.0 - h.beta2,
                   h.eps]
         scalars = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(()) for x in values])
+        sparse_scalars = scalars.clone()
+        sparse_scalars[4] = 1.0  # a sparse parameter decays all its coordinates after the scatter
         kernel = compiled.spam_kernel(clip_counts is not None)
-        with compiled.limits():
-            _compiled_updates(index, params, grads, ms, vs, mask_bits, sizes, scalars, decay, kernel, h, clip_counts)
-
-
-def _compiled_updates(index: list[int], params: list[Tensor], grads: list[Tensor], ms: list[Tensor],
-                      vs: list[Tensor], mask_bits: list[Tensor | None], sizes: Tensor, scalars: Tensor,
-                      decay: Tensor, kernel: Any, h: SpamStep, clip_counts: list[Tensor | None] | None) -> None:
-    """The compiled kernel on each parameter of one device (``ms``, ``vs``, ``sizes`` indexed like ``index``)."""
-    sparse_scalars = scalars.clone()
-    sparse_scalars[4] = 1.0  # a sparse parameter decays all its coordinates after the scatter
-    for k, i in enumerate(index):
-        # Detached, and a step size that is no view: the kernel is guarded on neither.
-        param, m, v, grad = real_view(params[i].detach()), ms[k], vs[k], real_view(grads[i])
-        if m.numel() == 0:  # nothing to update (an empty tensor, or a sparse one with nothing kept)
-            if h.weight_decay != 0:
-                param.mul_(decay.to(param.dtype))
-            continue
-        size = sizes[k].clone()
-        if mask_bits[i] is None:
-            work, flat_m, flat_v = _flat(param), _flat(m), _flat(v)
-            clipped = kernel(work, _flat(grad), flat_m, flat_v, size, scalars)
-            for target, flat in ((param, work), (m, flat_m), (v, flat_v)):
-                if flat.data_ptr() != target.data_ptr():
-                    target.copy_(flat.view_as(target))
-        else:
-            mask = sparse.unpack_mask(mask_bits[i], param.numel())
-            full = param.to(m.dtype)
-            work = sparse.gather(full, mask)
-            clipped = kernel(_flat(work), sparse.gather(grad, mask), _flat(m), _flat(v), size, sparse_scalars)
-            sparse.scatter_(full, mask, work)
-            full.mul_(decay.to(full.dtype))
-            if full is not param:
-                param.copy_(full)
-        if clip_counts is not None and h.threshold > 0:
-            clip_counts[i] = clipped
+        for k, i in enumerate(index):
+            # Detached, and a step size that is no view: the kernel is guarded on neither.
+            param, m, v, grad = real_view(params[i].detach()), ms[k], vs[k], real_view(grads[i])
+            if m.numel() == 0:  # nothing to update (an empty tensor, or a sparse one with nothing kept)
+                if h.weight_decay != 0:
+                    param.mul_(decay.to(param.dtype))
+                continue
+            size = sizes[k].clone()
+            if mask_bits[i] is None:
+                work, flat_m, flat_v = _flat(param), _flat(m), _flat(v)
+                clipped = kernel(work, _flat(grad), flat_m, flat_v, size, scalars)
+                for target, flat in ((param, work), (m, flat_m), (v, flat_v)):
+                    if flat.data_ptr() != target.data_ptr():
+                        target.copy_(flat.view_as(target))
+            else:
+                mask = sparse.unpack_mask(mask_bits[i], param.numel())
+                full = param.to(m.dtype)
+                work = sparse.gather(full, mask)
+                clipped = kernel(_flat(work), sparse.gather(grad, mask), _flat(m), _flat(v), size, sparse_scalars)
+                sparse.scatter_(full, mask, work)
+                if h.weight_decay != 0:
+                    full.mul_(decay.to(full.dtype))
+                if full is not param:
+                    param.copy_(full)
+            if clip_counts is not None and h.threshold > 0:
+                clip_counts[i] = clipped
 
 
 def spam(
@@ -380,7 +372,10 @@ def spam(
     if implementation == "fused":
         _fused_spam(*arrays, h, **options, num_warps=num_warps)
     elif implementation == "compiled":
-        _compiled_spam(*arrays, h, **options)
+        from .compiled import limits
+
+        with limits():  # room for every dtype's kernel
+            _compiled_spam(*arrays, h, **options)
     elif implementation == "foreach":
         _multi_tensor_spam(*arrays, h, **options)
     elif implementation == "forloop":

@@ -26,7 +26,7 @@ from torch import nn
 
 from spamopt.optim import sparse
 
-from .optimizers import state_bytes
+from .optimizers import state_bytes, tensor_bytes
 
 __all__ = ["galore_state_bytes", "sparse_spam_state_bytes", "matched_density", "resident_bytes",
            "step_peak_memory"]
@@ -76,11 +76,7 @@ def resident_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> int:
     (distributed tensors count their local shard)."""
     tensors = [*model.parameters(), *model.buffers()]
     tensors += [p.grad for p in model.parameters() if p.grad is not None]
-    total = 0
-    for tensor in tensors:
-        local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
-        total += local.numel() * local.element_size()
-    return total + state_bytes(optimizer)
+    return sum(map(tensor_bytes, tensors)) + state_bytes(optimizer)
 
 
 CPU_PEAK_METHOD = ("parameters, buffers, gradients and optimizer state held before the step, plus the peak of the "

@@ -19,12 +19,13 @@ import torch
 from torch import nn
 
 from spamopt import SPAM, AdaClipGN, StableSPAM
+from spamopt.optim.base import local
 from spamopt.extras import require
 
 from .checkpoint import register_state_object
 
 __all__ = ["ModelLayout", "OptimizerSetup", "GradientClipper", "OPTIMIZERS", "build_optimizer",
-           "register_optimizer", "state_bytes"]
+           "register_optimizer", "state_bytes", "tensor_bytes"]
 
 
 class GradientClipper:
@@ -231,6 +232,12 @@ def build_optimizer(name: str, model: nn.Module, layout: ModelLayout, *, lr: flo
     return OptimizerSetup(AdaClipGN(setup.optimizer, **wrapper), setup.clipper)
 
 
+def tensor_bytes(tensor: torch.Tensor) -> int:
+    """Bytes of ``tensor``'s elements (a distributed tensor's local shard)."""
+    shard = local(tensor)
+    return shard.numel() * shard.element_size()
+
+
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of tensors in the optimizer state, including tensors one attribute deep (GaLore's projector).
     Distributed tensors count their local shard."""
@@ -241,8 +248,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
         nonlocal total
         if isinstance(value, torch.Tensor) and id(value) not in seen:
             seen.add(id(value))  # the state keeps ``value`` alive, so its id stays unique
-            local = value.to_local() if hasattr(value, "to_local") else value
-            total += local.numel() * local.element_size()
+            total += tensor_bytes(value)
 
     for state in optimizer.state.values():
         for value in state.values():

@@ -16,7 +16,7 @@ from typing import Any
 
 from .processes import is_rank_zero
 
-__all__ = ["parse_list", "parse_labelled", "run_dir", "finished", "run_jobs", "run_grid"]
+__all__ = ["parse_list", "parse_labelled", "entry_options", "run_dir", "finished", "run_jobs", "run_grid"]
 
 CONFIG = "config.json"
 SUMMARY = "summary.json"
@@ -43,6 +43,14 @@ def parse_labelled(name: str, text: str) -> dict[str, str]:
                              "digits and ._+-)")
         entries[label] = target
     return entries
+
+
+def entry_options(optimizer_args: dict[str, dict[str, Any]], label: str, name: str,
+                  lr: float) -> tuple[dict[str, Any], float]:
+    """The constructor options of entry ``label`` (registry name ``name``): the name's options updated by the
+    label's, and the learning rate (an ``lr`` entry overrides ``lr``)."""
+    options = {**optimizer_args.get(name, {}), **optimizer_args.get(label, {})}
+    return options, options.pop("lr", lr)
 
 
 def run_dir(out_dir: str | Path, name: str, seed: int) -> Path:

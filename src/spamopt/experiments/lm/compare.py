@@ -23,7 +23,7 @@ from ..harness.memory import galore_state_bytes, matched_density, sparse_spam_st
 from ..harness.metrics import read_records
 from ..harness.processes import is_rank_zero
 from ..harness.report import mean_curve, mean_std, plot_curves
-from ..harness.runner import parse_labelled, parse_list, run_dir, run_grid
+from ..harness.runner import entry_options, parse_labelled, parse_list, run_dir, run_grid
 from .config import CONFIGS, is_block_matrix
 from .data import prepare
 from .train import TrainConfig, train
@@ -74,10 +74,9 @@ def compare(config: CompareConfig, base: TrainConfig) -> Path:
 
     def make_run(label: str, seed: int, directory: Path) -> TrainConfig:
         name = entries[label]
-        options = {**config.optimizer_args.get(name, {}), **config.optimizer_args.get(label, {})}
+        options, lr = entry_options(config.optimizer_args, label, name, base.lr)
         if matched and name == "spam-sparse":
             options.setdefault("density", matched["density"])
-        lr = options.pop("lr", base.lr)
         return replace(base, optimizer=name, optimizer_args=options, lr=lr, seed=seed, resume=True,
                        run_dir=str(directory))
 
@@ -104,13 +103,13 @@ def write_report(out: Path, names: list[str], seeds: list[int], matched: dict[st
     for name in names:
         runs = [run_dir(out, name, seed) for seed in seeds]
         summaries = [json.loads((r / "summary.json").read_text()) for r in runs]
-        configs = [json.loads((r / "config.json").read_text()) for r in runs]
+        run_config = json.loads((runs[0] / "config.json").read_text())
         records = [read_records(r) for r in runs]
         speeds = [x["tokens_per_s"] for rec in records for x in rec if "tokens_per_s" in x]
         ppl_mean, ppl_std = mean_std([s["val_perplexity"] for s in summaries])
         peaks = [s["peak_step_memory_bytes"] for s in summaries if "peak_step_memory_bytes" in s]
         results["optimizers"][name] = {
-            "optimizer": configs[0]["optimizer"], "optimizer_args": configs[0]["optimizer_args"],
+            "optimizer": run_config["optimizer"], "optimizer_args": run_config["optimizer_args"],
             "val_perplexity_mean": ppl_mean, "val_perplexity_std": ppl_std,
             "val_perplexity": [s["val_perplexity"] for s in summaries],
             "tokens_per_s_mean": statistics.fmean(speeds) if speeds else math.nan,

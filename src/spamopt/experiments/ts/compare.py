@@ -16,7 +16,7 @@ from spamopt.plotting import pyplot, save
 from ..harness.config import option
 from ..harness.metrics import read_records
 from ..harness.report import format_mean_std, mean_std
-from ..harness.runner import parse_labelled, parse_list, run_jobs
+from ..harness.runner import entry_options, parse_labelled, parse_list, run_jobs
 from .train import TSConfig, train
 
 __all__ = ["TSCompareConfig", "compare", "write_report"]
@@ -47,8 +47,7 @@ def compare(config: TSCompareConfig, base: TSConfig) -> Path:
     jobs = []
     for severity in severities:
         for label, name in entries.items():
-            options = {**config.optimizer_args.get(name, {}), **config.optimizer_args.get(label, {})}
-            lr = options.pop("lr", base.lr)
+            options, lr = entry_options(config.optimizer_args, label, name, base.lr)
             for seed in seeds:
                 jobs.append(replace(base, optimizer=name, optimizer_args=options, lr=lr, severity=severity,
                                     seed=seed, resume=True, run_dir=str(_cell(out, severity) / label / f"seed{seed}")))
