@@ -22,8 +22,8 @@ from pathlib import Path
 import torch
 
 from spamopt import SPAM, StableSPAM
-from spamopt.experiments.harness.memory import galore_state_bytes, matched_density
 from spamopt.experiments.harness.optimizers import build_optimizer, state_bytes
+from spamopt.experiments.lm.compare import matched_memory
 from spamopt.experiments.lm.config import CONFIGS, is_block_matrix, optimizer_layout
 
 PAPER_RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512}  # GaLore's ranks in the SPAM paper
@@ -59,19 +59,18 @@ def matched_state_bytes(model: str) -> dict[str, int | float]:
     last three on the block matrices, Adam-like state elsewhere). Each parameter is stepped alone."""
     rank = PAPER_RANKS[model]
     config = CONFIGS[model]
-    shapes = config.parameter_shapes()
-    blocks = [s for n, s in shapes.items() if is_block_matrix(n, s)]
-    density = matched_density(blocks, galore_state_bytes(blocks, rank))
+    layout = optimizer_layout(config)
+    density = matched_memory(f"galore:{rank}", model)["density"]  # what `spamopt compare --match-memory` picks
     setups = {"adamw": ("adamw", {}), "adam_mini": ("adam-mini", {}), "galore": ("galore", {"rank": rank}),
               "spam_sparse_matched": ("spam-sparse", {"density": density}),
               "spam_sparse_0.25": ("spam-sparse", {"density": 0.25})}
     totals: dict[str, int | float] = {key: 0 for key in setups} | {"rank": rank, "density": density}
-    for name, shape in shapes.items():
+    for name, shape in config.parameter_shapes().items():
         param = torch.nn.Parameter(torch.zeros(shape))
         param.grad = torch.randn(shape)
         holder = _holding(name, param)
         for key, (registry_name, options) in setups.items():
-            setup = build_optimizer(registry_name, holder, optimizer_layout(config), lr=1e-3, options=options)
+            setup = build_optimizer(registry_name, holder, layout, lr=1e-3, options=options)
             totals[key] += _bytes(setup.optimizer, param)
     return totals
 
