@@ -2,18 +2,18 @@
 on the stress set of every implementation (fp32, bf16, fp16; dense and sparse; resets, clipping, warmup,
 decay, a non-finite step, clip counts) and for each option; a long run across resets, warmup, clipping
 switching on and off and an LR schedule compiles a bounded number of kernels; it is the CPU default only for
-large groups, and refuses clearly where it cannot run."""
+large groups, and refuses clearly where it cannot run. The same for StableSPAM's compiled step."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from spamopt import SPAM
+from spamopt import SPAM, StableSPAM
 from spamopt.optim import compiled
 
 from .streams import set_grads, spiky_gradients
-from .stress import HYPER, assert_agrees_with_reference, run_steps
+from .stress import HYPER, assert_agrees_with_reference, run_steps, stress_params
 
 pytestmark = pytest.mark.skipif(not compiled.compiled_available("cuda" if torch.cuda.is_available() else "cpu"),
                                 reason="torch.compile needs a C++ compiler (CPU) or Triton (CUDA)")
@@ -86,3 +86,90 @@ def test_flags_are_checked():
         SPAM([param], compiled="yes")
     with pytest.raises(ValueError, match="Invalid capturable value"):
         SPAM([param], capturable=True, compiled=True)
+
+
+# ------------------------------------------------------------------------------------------------ StableSPAM
+
+STABLE = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, gamma1=0.7, gamma2=0.9, gamma3=0.99,
+              reset_interval=5)
+
+
+def _stable_run(implementation: dict, dtype: torch.dtype, steps: int = 12, nonfinite_at: int = 7, **overrides):
+    params = stress_params(dtype)
+    opt = StableSPAM(params, **{**STABLE, **overrides, **implementation})
+    stream = spiky_gradients([tuple(p.shape) for p in params], steps, seed=2, spike_rate=0.05)
+    for step, grads in enumerate(stream, start=1):
+        if step == nonfinite_at:
+            grads[3][0, 0] = float("nan")
+        set_grads(params, grads)
+        given = [p.grad.clone() for p in params]
+        opt.step()
+        assert all(torch.equal(p.grad, g) or torch.isnan(g).any() for p, g in zip(params, given))
+    return params, opt
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_stable_spam_compiled_matches_the_for_loop(dtype):
+    """Stable-SPAM's compiled step on the stress set (odd, empty, 0-dim, non-contiguous and many small tensors),
+    across two resets and a skipped non-finite step: parameters within one unit in the last place, moments,
+    AdaClip's and AdaGN's statistics to 1e-5 (1e-4 for half-precision parameters, whose gradient norms the
+    two sum in a different order), counts exactly. (Its float64 agreement with the specification's
+    transcription is in test_stable_spam.py.)"""
+    ref_params, ref_opt = _stable_run({"foreach": False}, dtype)
+    params, opt = _stable_run({"compiled": True}, dtype)
+    ulp = {torch.float32: 1e-5, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    for ref, got in zip(ref_params, params):
+        torch.testing.assert_close(got, ref, rtol=ulp, atol=1e-6 if dtype == torch.float32 else 1e-4)
+        for key, value in ref_opt.state[ref].items():
+            if key in ("step", "stat_step", "global_step", "skipped_steps"):
+                assert torch.equal(opt.state[got][key], value), key
+            else:
+                torch.testing.assert_close(opt.state[got][key], value, rtol=1e-5 if dtype == torch.float32 else 1e-4,
+                                           atol=1e-9)
+    assert int(ref_opt.state[ref_params[0]]["skipped_steps"]) == 1
+
+
+@pytest.mark.parametrize("overrides", [{"maximize": True}, {"skip_nonfinite": False}, {"lr": torch.tensor(3e-3)},
+                                       {"adaclip": "clamp"}, {"adaclip": "off", "adagn": False},
+                                       {"total_steps": 8, "eta_min": 0.3}])
+def test_stable_spam_compiled_matches_the_for_loop_for_each_option(overrides):
+    ref_params, _ = _stable_run({"foreach": False}, torch.float32, **overrides)
+    params, _ = _stable_run({"compiled": True}, torch.float32, **overrides)
+    for ref, got in zip(ref_params, params):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+
+
+def test_stable_spam_schedules_do_not_recompile():
+    """40 steps across resets, the σ schedule and a changing LR, then another optimizer with other betas, γs,
+    eps and decay: after the first step's kernels, nothing new is compiled."""
+    from torch._dynamo.utils import counters
+
+    shapes = [(64, 48), (48,), (1,), (300,)]
+    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    opt = StableSPAM(params, compiled=True, total_steps=30, **STABLE)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    stream = spiky_gradients(shapes, 41, seed=3, spike_rate=0.05)
+    set_grads(params, stream[0])
+    opt.step()
+    after_first = counters["stats"]["unique_graphs"]
+    for grads in stream[1:]:
+        set_grads(params, grads)
+        opt.step()
+        scheduler.step()
+    other = StableSPAM(params, compiled=True, lr=3e-4, betas=(0.8, 0.95), eps=1e-6, gamma1=0.85, gamma2=0.99999,
+                       weight_decay=0.3)
+    other.step()
+    assert counters["stats"]["unique_graphs"] == after_first
+
+
+def test_stable_spam_compiled_choice_and_its_limits(monkeypatch):
+    """Large CPU groups take the compiled step by default, as SPAM's do, except under reference_compat (the
+    released code's late reset has no compiled path), where compiled=True is refused by name."""
+    param = torch.nn.Parameter(torch.randn(100))
+    chosen = lambda opt: opt._implementation(opt.param_groups[0], [param])  # noqa: E731
+    monkeypatch.setattr(StableSPAM, "compile_min_numel", 100)
+    if param.device.type == "cpu":
+        assert chosen(StableSPAM([param])) == "compiled"
+    assert chosen(StableSPAM([param], reference_compat=True)) in ("forloop", "foreach")
+    with pytest.raises(ValueError, match="Invalid compiled value: True with reference_compat=True"):
+        StableSPAM([param], compiled=True, reference_compat=True)

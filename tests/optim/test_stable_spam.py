@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from spamopt import AdaClipGN, StableSPAM
+from spamopt.optim.compiled import compiled_available
 from spamopt.optim.stable_spam import PRESETS
 
 from .probes import HostReads
@@ -25,12 +26,18 @@ HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.05, gamma1=0.7
 SHAPES = [(12, 9), (17,), ()]
 
 
-def _run_against_oracle(steps, foreach, **options):
+IMPLEMENTATIONS = [
+    pytest.param({"foreach": False}, id="forloop"), pytest.param({"foreach": True}, id="foreach"),
+    pytest.param({"compiled": True}, id="compiled", marks=pytest.mark.skipif(
+        not compiled_available("cpu"), reason="torch.compile needs a C++ compiler"))]
+
+
+def _run_against_oracle(steps, implementation, **options):
     stream = spiky_gradients(SHAPES, steps, seed=4, spike_rate=0.05)
     rng = np.random.default_rng(5)
     init = [rng.standard_normal(s) for s in SHAPES]
     params = [torch.nn.Parameter(torch.tensor(x)) for x in init]
-    opt = StableSPAM(params, foreach=foreach, **{**HYPER, **options})
+    opt = StableSPAM(params, **implementation, **{**HYPER, **options})
     oracle = ReferenceStableSPAM(init, **{**HYPER, **options})
     for step, grads in enumerate(stream, start=1):
         grads = list(grads)
@@ -44,16 +51,16 @@ def _run_against_oracle(steps, foreach, **options):
     return opt, oracle, params
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("options", [{}, {"adaclip": "clamp"}, {"total_steps": 20, "eta_min": 0.3},
                                      {"gamma1": -1, "reset_interval": 0}, {"adaclip": "off"}, {"adagn": False}],
                          ids=["default", "clamp", "sigma_schedule_clamped", "gamma1_is_beta1_no_moret",
                               "ablation_no_adaclip", "ablation_no_adagn"])
-def test_default_step_matches_the_float64_oracle(foreach, options):
+def test_default_step_matches_the_float64_oracle(implementation, options):
     """30 steps with 50x-1000x spikes, a parameter that joins late and misses a step, resets every 7 steps,
-    weight decay, the σ schedule past its end (clamped): parameters, moments and statistics equal the spec's
-    float64 transcription; AdaClip fired."""
-    opt, oracle, params = _run_against_oracle(30, foreach, **options)
+    weight decay, the σ schedule past its end (clamped): parameters, moments and statistics of every
+    implementation (the compiled one included) equal the spec's float64 transcription; AdaClip fired."""
+    opt, oracle, params = _run_against_oracle(30, implementation, **options)
     assert oracle.clipped > 0 or options.get("adaclip") == "off"
     for i, p in enumerate(params):
         state = opt.state[p]
@@ -67,7 +74,7 @@ def test_default_step_matches_the_float64_oracle(foreach, options):
 def test_reference_compat_matches_the_oracle_over_thousands_of_steps(foreach):
     """``reference_compat``: one counter, the late reset and the unclamped σ (total_steps 700 < 2000 steps),
     over 2000 float64 steps with a reset every 250: equal to the oracle of the released code's behaviour."""
-    opt, oracle, params = _run_against_oracle(2000, foreach, reference_compat=True, reset_interval=250,
+    opt, oracle, params = _run_against_oracle(2000, {"foreach": foreach}, reference_compat=True, reset_interval=250,
                                               total_steps=700)
     assert "stat_step" not in opt.state[params[0]]
     assert int(opt.state[params[0]]["step"]) == oracle.k[0] == 1  # τ = 2000 is a reset step: c restarts at 1

@@ -343,8 +343,11 @@ class SpikeAwareOptimizer(Optimizer):
     compile_min_numel: int = 10_000_000
 
     def _compilable(self, param: Tensor) -> bool:
-        """A ``torch.compile`` implementation can step this parameter (subclasses that have one say so)."""
-        return False
+        """The compiled implementation can step this parameter: a real or complex float tensor where
+        ``torch.compile`` can build kernels."""
+        from .compiled import compiled_available
+
+        return (param.is_floating_point() or param.is_complex()) and compiled_available(local(param).device.type)
 
     def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
         """``"fused"``, ``"compiled"``, ``"foreach"`` or ``"forloop"`` for this group's parameters.

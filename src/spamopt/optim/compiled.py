@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["compiled_available", "spam_kernel"]
+__all__ = ["compiled_available", "spam_kernel", "stable_spam_kernel", "flat_view", "limits"]
 
 
 @functools.cache
@@ -32,6 +32,15 @@ def compiled_available(device_type: str) -> bool:
 
         return fused_available(torch.device("cuda"))
     return False
+
+
+def flat_view(t: Tensor) -> Tensor:
+    """A 1-D tensor over ``t``'s memory to update in place, made with ``set_`` rather than as a view so that a
+    compiled kernel is guarded on no base tensor's shape (a contiguous copy, written back by the caller,
+    when ``t`` is not contiguous)."""
+    if not t.is_contiguous():
+        return t.reshape(-1).clone()
+    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),))
 
 
 def _update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_size: Tensor,
@@ -70,10 +79,63 @@ def _plain(*args: Tensor) -> None:
     _update(*args, count=False)
 
 
+def _ema(average: Tensor, value: Tensor, gamma: Tensor, keep: Tensor) -> Tensor:
+    """``γ·average + (1 − γ)·value`` where ``keep`` is 1, ``average`` where it is 0; float64, rounded once."""
+    return (average.double() * (1.0 - (1.0 - gamma) * keep) + (1.0 - gamma) * keep * value.double()).to(average.dtype)
+
+
+def _debiased(average: Tensor, gamma: Tensor, count: Tensor) -> Tensor:
+    """``average / (1 − γ^count)``, the correction in float64 (``count`` clamped to 1, as the eager code does)."""
+    return average / (1.0 - torch.pow(gamma, count.double().clamp(min=1.0))).to(average.dtype)
+
+
+def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, stat_step: Tensor,
+                   max_ema: Tensor, norm_ema: Tensor, norm_sq_ema: Tensor, scalars: Tensor, *, adaclip: str,
+                   adagn: bool) -> None:
+    """Stable-SPAM's whole per-tensor step (:mod:`spamopt.optim.stable_functional` states the math) in place on
+    1-D ``param`` and the moments, and on the 1-element counters ``step`` (k), ``stat_step`` (n) and statistics
+    ``max_ema`` (M), ``norm_ema`` (a), ``norm_sq_ema`` (b). A reset has zeroed ``m, v, k`` already.
+
+    ``scalars`` (float64) holds, in order: keep (0 skips the step), the gradient's factor (loss-scale inverse,
+    negated to maximise), the decay factor 1 − lr·wd·keep, γ1·σ, γ2, γ3, β1·σ, β2, ε, lr."""
+    dtype = exp_avg.dtype
+    keep, factor, decay, gamma1, gamma2, gamma3, beta1, beta2, eps, lr = scalars.unbind(0)
+    g = torch.where((grad.abs() < float("inf")) & (keep > 0), grad, 0.0).to(dtype) * factor.to(dtype)
+    full = param.to(dtype) * decay.to(dtype)
+    n = stat_step + keep.to(stat_step.dtype)
+    if adaclip != "off":
+        mu = g.abs().amax()
+        m_max = _ema(max_ema, mu, gamma3, keep)
+        bound = _debiased(m_max, gamma3, n).to(dtype)
+        clipped = g * (bound / mu) if adaclip == "scale" else torch.sign(g) * bound
+        g = torch.where(g.abs() > bound, clipped, g)
+        max_ema.copy_(m_max)
+    if adagn:
+        r = torch.linalg.vector_norm(g).to(norm_ema.dtype)
+        a = _ema(norm_ema, r, gamma1, keep)
+        b = _ema(norm_sq_ema, r * r, gamma2, keep)
+        target = _debiased(a, gamma1, n) / (_debiased(b, gamma2, n).sqrt() + eps.to(b.dtype))
+        g = g * torch.where(r > 0, target / r, 1.0).to(dtype)
+        norm_ema.copy_(a)
+        norm_sq_ema.copy_(b)
+    k = step + keep.to(step.dtype)
+    m = exp_avg * (1.0 - (1.0 - beta1) * keep).to(dtype) + (1.0 - beta1).to(dtype) * g
+    v = exp_avg_sq * (1.0 - (1.0 - beta2) * keep).to(dtype) + (1.0 - beta2).to(dtype) * g * g
+    kk = k.double().clamp(min=1.0)
+    step_size = (-lr * keep / (1.0 - torch.pow(beta1, kk))).to(dtype)
+    denominator = v.sqrt() / (1.0 - torch.pow(beta2, kk)).sqrt().to(dtype) + eps.to(dtype)
+    param.copy_(full + m * step_size / denominator)
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    step.copy_(k)
+    stat_step.copy_(n)
+
+
 # Each kernel is compiled once per dtype and once more for 1-element tensors (the compiler specialises sizes
 # 0 and 1): up to 10 versions for float32/bfloat16/float16/float64 parameters, above dynamo's default limit of 8.
+# Stable-SPAM's AdaClip/AdaGN variants (up to 6) share one code object, so its cache may hold six times that.
 _LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-RECOMPILE_LIMIT = 16
+RECOMPILE_LIMIT = 64
 
 
 @functools.cache
@@ -81,6 +143,16 @@ def spam_kernel(count: bool) -> Any:
     """The compiled update, with or without the clip count (two functions, so two caches), built on first use;
     call it inside :func:`limits`."""
     return torch.compile(_counting if count else _plain, dynamic=True, fullgraph=True)
+
+
+@functools.cache
+def stable_spam_kernel(adaclip: str, adagn: bool) -> Any:
+    """Stable-SPAM's compiled step for one choice of AdaClip's mode and AdaGN (each its own kernel, so an
+    ablation computes nothing it does not use); call it inside :func:`limits`."""
+    def update(*args: Tensor) -> None:
+        _stable_update(*args, adaclip=adaclip, adagn=adagn)
+
+    return torch.compile(update, dynamic=True, fullgraph=True)
 
 
 def limits() -> Any:

@@ -259,15 +259,6 @@ def _fused_spam(
                 clip_counts[i] = counts[k]
 
 
-def _flat(t: Tensor) -> Tensor:
-    """A 1-D tensor over ``t``'s memory to update in place, made with ``set_`` rather than as a view so that a
-    compiled kernel is guarded on no base tensor's shape (a contiguous copy, written back by the caller,
-    when ``t`` is not contiguous)."""
-    if not t.is_contiguous():
-        return t.reshape(-1).clone()
-    return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),))
-
-
 def _compiled_spam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -282,6 +273,7 @@ def _compiled_spam(
     grad_scale: Tensor | None,
 ) -> None:
     from . import compiled
+    from .compiled import flat_view as flat
 
     unscale = inverse_scale(grad_scale)
     by_device: dict[torch.device, list[int]] = defaultdict(list)
@@ -316,16 +308,16 @@ def _compiled_spam(
                 continue
             size = sizes[k].clone()
             if mask_bits[i] is None:
-                work, flat_m, flat_v = _flat(param), _flat(m), _flat(v)
-                clipped = kernel(work, _flat(grad), flat_m, flat_v, size, scalars)
-                for target, flat in ((param, work), (m, flat_m), (v, flat_v)):
-                    if flat.data_ptr() != target.data_ptr():
-                        target.copy_(flat.view_as(target))
+                work, flat_m, flat_v = flat(param), flat(m), flat(v)
+                clipped = kernel(work, flat(grad), flat_m, flat_v, size, scalars)
+                for target, buffer in ((param, work), (m, flat_m), (v, flat_v)):
+                    if buffer.data_ptr() != target.data_ptr():
+                        target.copy_(buffer.view_as(target))
             else:
                 mask = sparse.unpack_mask(mask_bits[i], param.numel())
                 full = param.to(m.dtype)
                 work = sparse.gather(full, mask)
-                clipped = kernel(_flat(work), sparse.gather(grad, mask), _flat(m), _flat(v), size, sparse_scalars)
+                clipped = kernel(flat(work), sparse.gather(grad, mask), flat(m), flat(v), size, sparse_scalars)
                 sparse.scatter_(full, mask, work)
                 if h.weight_decay != 0:
                     full.mul_(decay.to(full.dtype))

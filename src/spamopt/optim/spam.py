@@ -172,11 +172,6 @@ class SPAM(SpikeAwareOptimizer):
             for group in self.param_groups:
                 group.setdefault(key, value)
 
-    def _compilable(self, param: Tensor) -> bool:
-        from .compiled import compiled_available
-
-        return (param.is_floating_point() or param.is_complex()) and compiled_available(local(param).device.type)
-
     # ----------------------------------------------------------------------------------------- state
 
     def _init_state(self, param: Tensor, group: dict[str, Any], completed: int | Tensor, ordinal: int) -> None:

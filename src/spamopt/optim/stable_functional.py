@@ -1,5 +1,5 @@
 r"""Stable-SPAM's update, written once per implementation: a for-loop reference and a multi-tensor (foreach)
-path, tested to agree. The caller (:class:`spamopt.StableSPAM`) passes this step's decisions (reset or not,
+path and a compiled one (one ``torch.compile`` loop per tensor, :mod:`.compiled`), tested to agree. The caller (:class:`spamopt.StableSPAM`) passes this step's decisions (reset or not,
 the momentum multiplier σ) as plain values; the skip flag and every statistic stay on the device.
 
 For each parameter, with ``g`` a private fp32 (or float64) copy of its gradient, unscaled when a
@@ -152,6 +152,48 @@ def _multi_tensor_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avg
                 p.copy_(f)
 
 
+def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                          exp_avg_sqs: list[Tensor], steps: list[Tensor], statistics: list[dict[str, Tensor]],
+                          h: StableStep, *, keep: Tensor | None, grad_scale: Tensor | None) -> None:
+    from . import compiled
+
+    if h.reference_compat:
+        raise ValueError("Invalid compiled value: True with reference_compat=True (the reference's late reset runs "
+                         "on the for-loop and foreach paths only)")
+    unscale = inverse_scale(grad_scale)
+    kernel = compiled.stable_spam_kernel(h.adaclip, h.adagn)
+    reals = [real_view(p) for p in params]
+    by_device: dict[torch.device, list[int]] = {}
+    for i, p in enumerate(reals):
+        by_device.setdefault(p.device, []).append(i)
+    for device, index in by_device.items():
+        empty = [i for i in index if reals[i].numel() == 0]  # no coordinates to compile for; statistics still move
+        if empty:
+            _single_tensor_stable_spam(*([array[i] for i in empty] for array in (
+                params, grads, exp_avgs, exp_avg_sqs, steps, statistics)), h, keep=keep, grad_scale=grad_scale)
+        index = [i for i in index if reals[i].numel()]
+        ms = [real_view(exp_avgs[i]) for i in index]
+        vs = [real_view(exp_avg_sqs[i]) for i in index]
+        _reset_first(ms, vs, [steps[i] for i in index], h)
+        keep_float = torch.ones((), dtype=torch.float64, device=device) if keep is None else keep.to(device,
+                                                                                                   torch.float64)
+        factor = (1.0 if unscale is None else unscale.to(device).double()) * (-1.0 if h.maximize else 1.0)
+        values = [keep_float, factor, 1.0 - h.lr * h.weight_decay * keep_float, h.gamma1, h.gamma2, h.gamma3,
+                  h.beta1 * h.sigma, h.beta2, h.eps, h.lr]
+        scalars = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(()) for x in values])
+        for i, m, v in zip(index, ms, vs):
+            param, stats = reals[i].detach(), statistics[i]
+            work, flat_m, flat_v = compiled.flat_view(param), compiled.flat_view(m), compiled.flat_view(v)
+            # The 0-dim counters and statistics go in as 1-element tensors: torch.compile drops in-place writes
+            # to 0-dim float64 CPU inputs (torch 2.13), which float64 parameters' statistics are.
+            counters = [compiled.flat_view(t) for t in (steps[i], stats["stat_step"], stats["max_ema"],
+                                                        stats["norm_ema"], stats["norm_sq_ema"])]
+            kernel(work, compiled.flat_view(real_view(grads[i])), flat_m, flat_v, *counters, scalars)
+            for target, buffer in ((param, work), (m, flat_m), (v, flat_v)):
+                if buffer.data_ptr() != target.data_ptr():  # a non-contiguous tensor was updated in a copy
+                    target.copy_(buffer.view_as(target))
+
+
 def stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 steps: list[Tensor], statistics: list[dict[str, Tensor]], h: StableStep, *, keep: Tensor | None,
                 implementation: str = "forloop", grad_scale: Tensor | None = None) -> None:
@@ -160,15 +202,20 @@ def stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     ``steps`` are the Adam counts ``k`` (0-dim tensors, updated in place); ``statistics[i]`` holds parameter
     ``i``'s ``stat_step`` (n; absent in ``reference_compat``, where ``k`` is the one counter), ``max_ema``,
     ``norm_ema`` and ``norm_sq_ema``. ``keep``: 0-dim boolean, False to skip; None counts non-finite
-    coordinates as zero. ``implementation``: ``"foreach"`` or ``"forloop"``.
+    coordinates as zero. ``implementation``: ``"compiled"``, ``"foreach"`` or ``"forloop"``.
     """
     arrays = (params, grads, exp_avgs, exp_avg_sqs, steps, statistics)
-    if implementation == "foreach":
+    if implementation == "compiled":
+        from .compiled import limits
+
+        with limits():  # room for every dtype's kernel
+            _compiled_stable_spam(*arrays, h, keep=keep, grad_scale=grad_scale)
+    elif implementation == "foreach":
         _multi_tensor_stable_spam(*arrays, h, keep=keep, grad_scale=grad_scale)
     elif implementation == "forloop":
         _single_tensor_stable_spam(*arrays, h, keep=keep, grad_scale=grad_scale)
     else:
-        raise ValueError(f"Invalid implementation value: {implementation!r} (StableSPAM: 'foreach' or 'forloop')")
+        raise ValueError(f"Invalid implementation value: {implementation!r} (StableSPAM: 'compiled', 'foreach' or 'forloop')")
 
 
 def momentum_multiplier(step: int, total_steps: int | None, eta_min: float, clamp: bool = True) -> float:

@@ -39,7 +39,11 @@ def _validate_group(group: dict[str, Any]) -> None:
     check_flag("reference_compat", group["reference_compat"])
     check_flag("adagn", group["adagn"])
     if group["fused"]:
-        raise ValueError("Invalid fused value: True (StableSPAM has no fused kernel; use foreach or the for-loop)")
+        raise ValueError("Invalid fused value: True (StableSPAM has no fused kernel; use compiled, foreach or the "
+                         "for-loop)")
+    if group["compiled"] and group["reference_compat"]:
+        raise ValueError("Invalid compiled value: True with reference_compat=True (the reference's late reset runs "
+                         "on the for-loop and foreach paths only)")
     if group["capturable"]:
         raise ValueError("Invalid capturable value: True (StableSPAM does not support CUDA-graph capture)")
 
@@ -74,6 +78,10 @@ class StableSPAM(SpikeAwareOptimizer):
             ``total_steps``; statistics kept in the parameter dtype. ``p.grad`` is still never modified.
         maximize, foreach, skip_nonfinite: as in :class:`spamopt.SPAM`. ``fused`` and ``capturable`` are not
             available (no kernel yet).
+        compiled: the whole per-tensor step (AdaClip's and AdaGN's reductions included) as one
+            ``torch.compile`` function, as :class:`spamopt.SPAM`'s ``compiled``: the default on the CPU with a
+            C++ compiler for groups of at least ``compile_min_numel`` (10M) elements; not with
+            ``reference_compat``.
 
     State per parameter (tensors): ``step`` (Adam count k; the one counter in compat), ``stat_step`` (n),
     ``max_ema`` (M), ``norm_ema`` (a), ``norm_sq_ema`` (b), ``exp_avg``, ``exp_avg_sq``, ``global_step`` (the
@@ -83,7 +91,12 @@ class StableSPAM(SpikeAwareOptimizer):
     _validate = staticmethod(_validate_group)
 
     def _fusable(self, param: Tensor) -> bool:
-        return False  # no fused kernel yet: the default is foreach on CUDA, the for-loop elsewhere
+        return False  # no fused kernel yet
+
+    def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
+        if group["reference_compat"] and group["compiled"] is None:
+            group = {**group, "compiled": False}  # the reference's late reset has no compiled path
+        return super()._implementation(group, params)
 
     def __init__(
         self,
@@ -105,13 +118,14 @@ class StableSPAM(SpikeAwareOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         fused: bool | None = None,
+        compiled: bool | None = None,
         capturable: bool = False,
         skip_nonfinite: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2, gamma3=gamma3,
             reset_interval=reset_interval, total_steps=total_steps, eta_min=eta_min, adaclip=adaclip, adagn=adagn,
-            reference_compat=reference_compat, maximize=maximize, foreach=foreach, fused=fused,
+            reference_compat=reference_compat, maximize=maximize, foreach=foreach, fused=fused, compiled=compiled,
             capturable=capturable, skip_nonfinite=skip_nonfinite,
         )
         super().__init__(params, defaults)
