@@ -1,6 +1,7 @@
-r"""Stable-SPAM's update, written once per implementation: a for-loop reference and a multi-tensor (foreach)
-path and a compiled one (one ``torch.compile`` loop per tensor, :mod:`.compiled`), tested to agree. The caller (:class:`spamopt.StableSPAM`) passes this step's decisions (reset or not,
-the momentum multiplier σ) as plain values; the skip flag and every statistic stay on the device.
+r"""Stable-SPAM's update, written once per implementation: a for-loop reference, a multi-tensor (foreach) path
+and a compiled one (one ``torch.compile`` function per tensor, :mod:`.compiled`), tested to agree. The caller
+(:class:`spamopt.StableSPAM`) passes this step's decisions (reset or not, the momentum multiplier σ) as plain
+values; the skip flag and every statistic stay on the device.
 
 For each parameter, with ``g`` a private fp32 (or float64) copy of its gradient, unscaled when a
 ``torch.amp.GradScaler`` scaled the loss (``p.grad`` is never written)::
@@ -215,7 +216,8 @@ def stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     elif implementation == "forloop":
         _single_tensor_stable_spam(*arrays, h, keep=keep, grad_scale=grad_scale)
     else:
-        raise ValueError(f"Invalid implementation value: {implementation!r} (StableSPAM: 'compiled', 'foreach' or 'forloop')")
+        raise ValueError(f"Invalid implementation value: {implementation!r} (StableSPAM: 'compiled', 'foreach' or "
+                         "'forloop')")
 
 
 def momentum_multiplier(step: int, total_steps: int | None, eta_min: float, clamp: bool = True) -> float:
