@@ -9,7 +9,7 @@ SPAM's default ``skip_nonfinite=True`` reads every gradient once more (a device-
 finite, 4 bytes per parameter: a 32-byte floor); ``*_noskip`` rows turn it off and are the like-for-like
 comparison with torch's AdamW, which does no such check. ``pytorch_optimizer_spam`` (the packaged SPAM of
 pytorch-optimizer, ``pip install pytorch-optimizer``) is measured when installed. ``--num-warps`` repeats the
-fused rows for each Triton warp count. ``spam_compiled*`` rows are ``SPAM(compiled=True)``; their first step
+fused rows for each Triton warp count. ``*_compiled*`` rows are ``compiled=True``; their first step
 (``first_step_s``, with the state's creation) includes compiling the kernel, cached on disk for later runs
 (clear ``/tmp/torchinductor_$USER`` to measure a cold compile).
 
@@ -78,6 +78,7 @@ def _candidates(named, device: str, num_warps: list[int]) -> dict:
             "spam_compiled": lambda: SPAM(params, lr=1e-3, compiled=True, clip_delay=0),
             "spam_compiled_noskip": lambda: SPAM(params, lr=1e-3, compiled=True, clip_delay=0, skip_nonfinite=False),
             "spam_sparse25_compiled": lambda: SPAM(sparse_groups, lr=1e-3, compiled=True, clip_delay=0),
+            "stable_spam_compiled": lambda: StableSPAM(params, lr=1e-3, compiled=True),
         })
     if device == "cuda" and fused.fused_available(torch.device(device)):
         all_matrices = [{"params": [p for p in params if p.dim() == 2], "density": 0.25},
