@@ -6,7 +6,6 @@ gradient accumulation SPAM counts optimizer steps, not micro-batches."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 transformers = pytest.importorskip("transformers")
 

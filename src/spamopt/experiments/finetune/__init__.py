@@ -1,0 +1,1 @@
+"""Supervised fine-tuning of a causal LM with the response-only loss, scored by multiple-choice accuracy."""
