@@ -30,7 +30,8 @@ def base(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("base")
     (root / "corpus").mkdir()
     config = TrainConfig(model="tiny", data=str(write_corpus(root / "corpus")), vocab_size=512,
-                         cache_dir=str(root / "cache"), seq_len=32, batch_size=8, steps=10, warmup_steps=2, eval_every=0, eval_tokens=1024,
+                         cache_dir=str(root / "cache"), seq_len=32, batch_size=8, steps=10, warmup_steps=2,
+                         eval_every=0, eval_tokens=1024,
                          run_dir=str(root / "run"), progress=False)
     pretrain(config)
     return config.run_dir
