@@ -76,7 +76,8 @@ def write_report(out: Path, labels: list[str], seeds: list[int]) -> Path:
     first = out / labels[0] / f"seed{seeds[0]}"
     config = json.loads((first / "config.json").read_text())
     summary = json.loads((first / "summary.json").read_text())
-    results = {"seeds": seeds, "config": config, "base": summary["base"], "train_items": summary["train_items"],
+    results = {"seeds": seeds, "config": config, "base": summary["base"], "device": summary.get("device", "cpu"),
+               "train_items": summary["train_items"],
                "eval_items": summary["eval_items"], "rows": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_curves(curves, [{"key": "accuracy", "title": "held-out multiple-choice accuracy", "ylabel": "accuracy",

@@ -89,15 +89,16 @@ def encode(prompt_ids: list[int], response_ids: list[int], eos: int, max_length:
     return ids, ([IGNORE] * len(prompt_ids) + response)[:max_length]
 
 
-def _batch(pairs: list[tuple[list[int], list[int]]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-padded inputs and next-token targets (padding never counts)."""
+def _batch(pairs: list[tuple[list[int], list[int]]], pad: int,
+           device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded inputs and next-token targets (padding never counts), on ``device``."""
     width = max(len(ids) for ids, _ in pairs)
     tokens = torch.full((len(pairs), width), pad)
     labels = torch.full((len(pairs), width), IGNORE)
     for row, (ids, lab) in enumerate(pairs):
         tokens[row, :len(ids)] = torch.tensor(ids)
         labels[row, :len(lab)] = torch.tensor(lab)
-    return tokens, labels
+    return tokens.to(device), labels.to(device)
 
 
 def _response_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -120,7 +121,7 @@ def evaluate(model: torch.nn.Module, loaded: Any, items: list[Example], pool: li
         prompt_ids = loaded.encode(prompt(item))
         pairs = [encode(prompt_ids, loaded.encode(response_for(item, answer)), loaded.eos, max_length)
                  for answer in options]
-        tokens, labels = _batch(pairs, loaded.eos)
+        tokens, labels = _batch(pairs, loaded.eos, next(model.parameters()).device)
         scores = _response_losses(model, tokens, labels)
         correct += options[int(scores.argmin())] == item.answer
         true = options.index(item.answer)
@@ -136,7 +137,8 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
     loaded = load_causal_lm(config.base)
-    model = loaded.model
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = loaded.model.to(device)
     train_items, held_out = load_items(config)
     pool = train_items + held_out
     encoded = [encode(loaded.encode(prompt(e)), loaded.encode(e.output), loaded.eos, config.max_length)
@@ -170,7 +172,7 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
             group["lr"] = config.lr * lr_multiplier(step, config.warmup_steps, config.steps, 0.1)
         order = random.Random(config.seed * 1_000_003 + step)
         tokens, labels = _batch([encoded[order.randrange(len(encoded))] for _ in range(config.batch_size)],
-                                loaded.eos)
+                                loaded.eos, device)
         loss = _response_losses(model, tokens, labels).sum() / (labels[:, 1:] != IGNORE).sum()
         loss.backward()
         if setup.clipper is not None:
@@ -190,7 +192,8 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     summary = {"optimizer": config.optimizer, "seed": config.seed, "steps": progress["step"],
                "accuracy": last["accuracy"], "eval_loss": last["eval_loss"], "train_loss": last.get("train_loss"),
                "best_accuracy": progress["best_accuracy"], "base": loaded.description,
-               "train_items": len(train_items), "eval_items": len(held_out)}
+               "train_items": len(train_items), "eval_items": len(held_out),
+               "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
     if not math.isfinite(summary["eval_loss"]):
         summary["diverged"] = True
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
