@@ -83,7 +83,7 @@ def write_report(out: Path, labels: list[str], seeds: list[int]) -> Path:
     plot_curves(curves, [{"key": "accuracy", "title": "held-out multiple-choice accuracy", "ylabel": "accuracy",
                           "marker": "o"},
                          {"key": "eval_loss", "title": "held-out response loss", "ylabel": "loss per token",
-                          "marker": "o"}], out / "curves.png")
+                          "marker": "o", "yscale": "log"}], out / "curves.png")
     n = len(seeds)
     lines = ["# Fine-tuning: held-out multiple-choice accuracy", "",
              f"Base: {results['base']}. Data: `{config['data']}`, {results['train_items']} training and "
