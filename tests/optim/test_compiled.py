@@ -37,17 +37,17 @@ def test_compiled_matches_the_for_loop_for_each_option(overrides):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
-def test_schedules_do_not_recompile():
-    """60 steps crossing 5 resets, their warmups and clip-free windows, under a changing LR, then a second
-    optimizer with other betas, eps, θ and weight decay: after the first step's kernels (one per size class
-    the compiler distinguishes: 1-element tensors are specialised), no new kernel is compiled."""
+def _assert_schedules_compile_nothing_new(make, make_other, steps: int) -> None:
+    """Step ``make(params)`` under a changing LR for ``steps`` steps, then ``make_other(params)`` once: after the
+    first step's kernels (one per size class the compiler distinguishes: 1-element tensors are specialised),
+    no new kernel is compiled."""
     from torch._dynamo.utils import counters
 
     shapes = [(64, 48), (48,), (1,), (300,)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = SPAM(params, compiled=True, **HYPER)
+    opt = make(params)
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    stream = spiky_gradients(shapes, 61, seed=3, spike_rate=0.05)
+    stream = spiky_gradients(shapes, steps + 1, seed=3, spike_rate=0.05)
     set_grads(params, stream[0])
     opt.step()
     after_first = counters["stats"]["unique_graphs"]
@@ -55,9 +55,17 @@ def test_schedules_do_not_recompile():
         set_grads(params, grads)
         opt.step()
         scheduler.step()
-    other = SPAM(params, compiled=True, lr=3e-4, betas=(0.8, 0.95), eps=1e-8, threshold=10.0, weight_decay=0.3)
-    other.step()
+    make_other(params).step()
     assert counters["stats"]["unique_graphs"] == after_first
+
+
+def test_schedules_do_not_recompile():
+    """60 steps crossing 5 resets, their warmups and clip-free windows, under a changing LR, then a second
+    optimizer with other betas, eps, θ and weight decay: nothing new is compiled after the first step."""
+    _assert_schedules_compile_nothing_new(
+        lambda params: SPAM(params, compiled=True, **HYPER),
+        lambda params: SPAM(params, compiled=True, lr=3e-4, betas=(0.8, 0.95), eps=1e-8, threshold=10.0,
+                            weight_decay=0.3), steps=60)
 
 
 def test_compiled_is_the_cpu_default_only_for_large_groups(monkeypatch):
@@ -141,25 +149,11 @@ def test_stable_spam_compiled_matches_the_for_loop_for_each_option(overrides):
 
 def test_stable_spam_schedules_do_not_recompile():
     """40 steps across resets, the σ schedule and a changing LR, then another optimizer with other betas, γs,
-    eps and decay: after the first step's kernels, nothing new is compiled."""
-    from torch._dynamo.utils import counters
-
-    shapes = [(64, 48), (48,), (1,), (300,)]
-    params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = StableSPAM(params, compiled=True, total_steps=30, **STABLE)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
-    stream = spiky_gradients(shapes, 41, seed=3, spike_rate=0.05)
-    set_grads(params, stream[0])
-    opt.step()
-    after_first = counters["stats"]["unique_graphs"]
-    for grads in stream[1:]:
-        set_grads(params, grads)
-        opt.step()
-        scheduler.step()
-    other = StableSPAM(params, compiled=True, lr=3e-4, betas=(0.8, 0.95), eps=1e-6, gamma1=0.85, gamma2=0.99999,
-                       weight_decay=0.3)
-    other.step()
-    assert counters["stats"]["unique_graphs"] == after_first
+    eps and decay: nothing new is compiled after the first step."""
+    _assert_schedules_compile_nothing_new(
+        lambda params: StableSPAM(params, compiled=True, total_steps=30, **STABLE),
+        lambda params: StableSPAM(params, compiled=True, lr=3e-4, betas=(0.8, 0.95), eps=1e-6, gamma1=0.85,
+                                  gamma2=0.99999, weight_decay=0.3), steps=40)
 
 
 def test_stable_spam_compiled_choice_and_its_limits(monkeypatch):

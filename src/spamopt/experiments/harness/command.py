@@ -9,8 +9,9 @@ import importlib.util
 import pkgutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
-__all__ = ["Command", "discover"]
+__all__ = ["Command", "discover", "grid_command"]
 
 
 @dataclass(frozen=True)
@@ -32,3 +33,21 @@ def discover(package: str = "spamopt.experiments") -> list[Command]:
             continue
         commands += importlib.import_module(f"{package}.{module.name}.commands").COMMANDS
     return commands
+
+
+def grid_command(name: str, help: str, grid: type, run: type, compare: Callable[[Any, Any], Any],
+                 per_run: tuple[str, ...]) -> Command:
+    """``spamopt <name>`` for a family's grid: the options of ``grid`` (what to compare: optimizers, seeds, ...)
+    and of ``run`` less the fields ``compare`` sets per run; runs ``compare(grid, base run)`` and prints the
+    report's path."""
+    from .config import add_options, from_args
+    from .processes import run_command
+
+    def arguments(parser: argparse.ArgumentParser) -> None:
+        add_options(parser, grid)
+        add_options(parser, run, skip=per_run)
+
+    def execute(args: argparse.Namespace) -> None:
+        run_command(lambda: str(compare(from_args(grid, args), from_args(run, args))))
+
+    return Command((name,), help, arguments, execute)
