@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["compiled_available", "spam_kernel", "stable_spam_kernel", "flat_view", "limits"]
+__all__ = ["compiled_available", "spam_kernel", "stable_spam_kernel", "flat_view", "write_back", "limits"]
 
 
 @functools.cache
@@ -41,6 +41,14 @@ def flat_view(t: Tensor) -> Tensor:
     if not t.is_contiguous():
         return t.reshape(-1).clone()
     return torch.empty(0, dtype=t.dtype, device=t.device).set_(t.untyped_storage(), t.storage_offset(), (t.numel(),))
+
+
+def write_back(pairs: tuple[tuple[Tensor, Tensor], ...]) -> None:
+    """Copy each updated ``flat_view`` buffer into its ``(target, buffer)`` target when it was a copy (the
+    target was not contiguous)."""
+    for target, buffer in pairs:
+        if buffer.data_ptr() != target.data_ptr():
+            target.copy_(buffer.view_as(target))
 
 
 def _update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_size: Tensor,

@@ -310,9 +310,7 @@ def _compiled_spam(
             if mask_bits[i] is None:
                 work, flat_m, flat_v = flat(param), flat(m), flat(v)
                 clipped = kernel(work, flat(grad), flat_m, flat_v, size, scalars)
-                for target, buffer in ((param, work), (m, flat_m), (v, flat_v)):
-                    if buffer.data_ptr() != target.data_ptr():
-                        target.copy_(buffer.view_as(target))
+                compiled.write_back(((param, work), (m, flat_m), (v, flat_v)))
             else:
                 mask = sparse.unpack_mask(mask_bits[i], param.numel())
                 full = param.to(m.dtype)

@@ -30,7 +30,10 @@ from torch import Tensor
 from .base import buckets_by_device_and_dtype, gradient_copy, inverse_scale, keep_on, real_view
 from .stabilize import adaclip_, adagn_
 
-__all__ = ["StableStep", "stable_spam"]
+__all__ = ["StableStep", "stable_spam", "COMPAT_NOT_COMPILED"]
+
+COMPAT_NOT_COMPILED = ("Invalid compiled value: True with reference_compat=True (the reference's late reset runs on "
+                       "the for-loop and foreach paths only)")
 
 
 @dataclass(frozen=True)
@@ -159,8 +162,7 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
     from . import compiled
 
     if h.reference_compat:
-        raise ValueError("Invalid compiled value: True with reference_compat=True (the reference's late reset runs "
-                         "on the for-loop and foreach paths only)")
+        raise ValueError(COMPAT_NOT_COMPILED)
     unscale = inverse_scale(grad_scale)
     kernel = compiled.stable_spam_kernel(h.adaclip, h.adagn)
     reals = [real_view(p) for p in params]
@@ -190,9 +192,7 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
             counters = [compiled.flat_view(t) for t in (steps[i], stats["stat_step"], stats["max_ema"],
                                                         stats["norm_ema"], stats["norm_sq_ema"])]
             kernel(work, compiled.flat_view(real_view(grads[i])), flat_m, flat_v, *counters, scalars)
-            for target, buffer in ((param, work), (m, flat_m), (v, flat_v)):
-                if buffer.data_ptr() != target.data_ptr():  # a non-contiguous tensor was updated in a copy
-                    target.copy_(buffer.view_as(target))
+            compiled.write_back(((param, work), (m, flat_m), (v, flat_v)))
 
 
 def stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],

@@ -13,7 +13,7 @@ from torch import Tensor
 from . import schedule
 from .base import GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, local, moment_dtype, validate_common
 from .stabilize import new_statistics, validate_stabilizer
-from .stable_functional import StableStep, momentum_multiplier, stable_spam
+from .stable_functional import COMPAT_NOT_COMPILED, StableStep, momentum_multiplier, stable_spam
 
 __all__ = ["StableSPAM", "PRESETS"]
 
@@ -42,8 +42,7 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError("Invalid fused value: True (StableSPAM has no fused kernel; use compiled, foreach or the "
                          "for-loop)")
     if group["compiled"] and group["reference_compat"]:
-        raise ValueError("Invalid compiled value: True with reference_compat=True (the reference's late reset runs "
-                         "on the for-loop and foreach paths only)")
+        raise ValueError(COMPAT_NOT_COMPILED)
     if group["capturable"]:
         raise ValueError("Invalid capturable value: True (StableSPAM does not support CUDA-graph capture)")
 
