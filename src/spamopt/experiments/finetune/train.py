@@ -23,7 +23,7 @@ from ..harness.schedule import lr_multiplier
 from .data import Example, candidates, generate_task, prompt, read_jsonl, response_for
 from .model import load_causal_lm
 
-__all__ = ["FinetuneConfig", "train", "encode", "load_items", "GENERATED"]
+__all__ = ["FinetuneConfig", "train", "encode", "load_items", "scoring_batches", "evaluate", "GENERATED"]
 
 GENERATED = "generated"
 IGNORE = -100
@@ -109,26 +109,33 @@ def _response_losses(model: torch.nn.Module, tokens: torch.Tensor, labels: torch
     return (nll * (targets != IGNORE)).sum(1)
 
 
-@torch.no_grad()
-def evaluate(model: torch.nn.Module, loaded: Any, items: list[Example], pool: list[Example],
-             max_length: int) -> dict[str, float]:
-    """Accuracy: the candidate whose response has the highest likelihood is the model's answer. Loss: the
-    mean response loss per token of the true responses."""
-    model.eval()
-    correct, loss, tokens_counted = 0, 0.0, 0
+def scoring_batches(loaded: Any, items: list[Example], pool: list[Example], max_length: int,
+                    device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor, int]]:
+    """Per held-out item, encoded once for every evaluation: one row per candidate answer (its response in
+    place of the label) and the index of the true one."""
+    batches = []
     for item in items:
         options = candidates(item, pool)
         prompt_ids = loaded.encode(prompt(item))
         pairs = [encode(prompt_ids, loaded.encode(response_for(item, answer)), loaded.eos, max_length)
                  for answer in options]
-        tokens, labels = _batch(pairs, loaded.eos, next(model.parameters()).device)
+        batches.append((*_batch(pairs, loaded.eos, device), options.index(item.answer)))
+    return batches
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, int]]) -> dict[str, float]:
+    """Accuracy: the candidate whose response has the highest likelihood is the model's answer. Loss: the
+    mean response loss per token of the true responses."""
+    model.eval()
+    correct, loss, tokens_counted = 0, 0.0, 0
+    for tokens, labels, true in batches:
         scores = _response_losses(model, tokens, labels)
-        correct += options[int(scores.argmin())] == item.answer
-        true = options.index(item.answer)
+        correct += int(scores.argmin()) == true
         loss += float(scores[true])
         tokens_counted += int((labels[true, 1:] != IGNORE).sum())
     model.train()
-    return {"accuracy": correct / len(items), "eval_loss": loss / tokens_counted}
+    return {"accuracy": correct / len(batches), "eval_loss": loss / tokens_counted}
 
 
 def train(config: FinetuneConfig) -> dict[str, Any]:
@@ -140,7 +147,7 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device)
     train_items, held_out = load_items(config)
-    pool = train_items + held_out
+    scoring = scoring_batches(loaded, held_out, train_items + held_out, config.max_length, device)
     encoded = [encode(loaded.encode(prompt(e)), loaded.encode(e.output), loaded.eos, config.max_length)
                for e in train_items]
     setup = build_optimizer(config.optimizer, model, loaded.layout, lr=config.lr,
@@ -156,7 +163,7 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     metrics = Metrics(run_dir, config=asdict(config), resumed_step=progress["step"])
 
     def record(train_loss: float | None) -> None:
-        scores = evaluate(model, loaded, held_out, pool, config.max_length)
+        scores = evaluate(model, scoring)
         values = {**scores, **({} if train_loss is None else {"train_loss": train_loss})}
         metrics.log(progress["step"], **values)
         progress["last"] = values
