@@ -48,6 +48,24 @@ def test_each_run_once_then_reused_until_its_config_changes(tmp_path):
     assert calls == [("a", 0)]
 
 
+@dataclass
+class LaterJob(Job):
+    """``Job`` after a release added a field."""
+
+    nullify: bool = False
+
+
+def test_a_field_added_later_reads_as_its_default_in_older_runs(tmp_path):
+    """A run recorded before a field existed is reused when the field holds its default (the run had that
+    behaviour), and runs again when the field asks for something else."""
+    calls: list = []
+    run_grid(tmp_path, ["a"], [0], lambda name, seed, directory: Job(name, seed, str(directory)), _execute(calls))
+    directory = tmp_path / "a" / "seed0"
+    assert finished(directory, LaterJob("a", 0, str(directory)))
+    assert not finished(directory, LaterJob("a", 0, str(directory), nullify=True))
+    assert not finished(directory, LaterJob("a", 0, str(directory), size=2))
+
+
 def test_lists_are_parsed_and_an_empty_one_is_refused():
     assert parse_list("seeds", " 0, 1,2 ", int) == [0, 1, 2]
     with pytest.raises(ValueError, match="Invalid optimizers value: ' , '"):

@@ -114,6 +114,26 @@ def test_spike_telemetry_is_written_with_spam_statistics(small_run):
     assert [r["step"] for r in records if r["kind"] == "optimizer" and r["reset"]] == [5]
 
 
+def test_nullify_spikes_zeroes_them_before_the_optimizer_sees_them(small_run):
+    """--nullify-spikes: until the first step with a coordinate above GSS 50 the run is the observing run step
+    for step; after it the losses part (the zeroed coordinates reached the optimizer). At this size the spikes are
+    embedding rows of rare tokens, so the parting shows once those tokens are back in a batch."""
+    observe = replace(small_run, spikes=True, optimizer="adamw", steps=64, eval_every=0, checkpoint_every=0,
+                      run_dir=small_run.run_dir + "-observe")
+    nullify = replace(observe, spikes=False, nullify_spikes=True, run_dir=small_run.run_dir + "-nullify")
+    train(observe)
+    train(nullify)
+    counts: dict[int, float] = {}
+    for record in _spike_records(nullify.run_dir):
+        if record["kind"] == "tensor":
+            counts[record["step"]] = counts.get(record["step"], 0) + record["spikes"]
+    first = min(step for step, count in counts.items() if count > 0)
+    losses = [{r["step"]: r["train_loss"] for r in _records(run.run_dir) if "train_loss" in r}
+              for run in (observe, nullify)]
+    assert all(losses[0][s] == losses[1][s] for s in range(1, first + 1))
+    assert any(losses[0][s] != losses[1][s] for s in range(first + 1, nullify.steps + 1))
+
+
 def test_spike_telemetry_resumes_after_sigkill_like_an_uninterrupted_run(small_run):
     """Killed mid-run and resumed from its last checkpoint, a --spikes run ends with the same spikes.jsonl as a
     run never interrupted: records written after the checkpoint are dropped, not repeated, and the running

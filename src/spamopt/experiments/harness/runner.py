@@ -10,7 +10,7 @@ import multiprocessing
 import os
 import re
 from collections.abc import Callable
-from dataclasses import asdict
+from dataclasses import MISSING, Field, asdict, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,11 +58,25 @@ def run_dir(out_dir: str | Path, name: str, seed: int) -> Path:
 
 
 def finished(directory: str | Path, config: Any) -> bool:
-    """A run is finished when it wrote its summary under exactly this config (a dataclass)."""
+    """A run is finished when it wrote its summary under exactly this config (a dataclass). A field the
+    stored config lacks (added to the dataclass after the run) counts as equal when ``config`` holds its
+    default there: the run was made with that behaviour."""
     directory = Path(directory)
     if not (directory / SUMMARY).exists() or not (directory / CONFIG).exists():
         return False
-    return json.loads((directory / CONFIG).read_text()) == json.loads(json.dumps(asdict(config)))
+    stored = json.loads((directory / CONFIG).read_text())
+    current = json.loads(json.dumps(asdict(config)))
+    added = [f for f in fields(config) if f.name not in stored]
+    return stored == {key: value for key, value in current.items() if key in stored} and all(
+        _has_default(f) and current[f.name] == json.loads(json.dumps(_default(f))) for f in added)
+
+
+def _has_default(f: Field) -> bool:
+    return f.default is not MISSING or f.default_factory is not MISSING
+
+
+def _default(f: Field) -> Any:
+    return f.default if f.default is not MISSING else f.default_factory()
 
 
 def _single_thread(job: tuple[Callable[[Any], Any], Any]) -> str:

@@ -67,6 +67,8 @@ class TrainConfig:
     resume: bool = option(False, "continue from run_dir/checkpoint.pt when it exists")
     parallel: str = option("ddp", "under torchrun: ddp or fsdp (FSDP2 fully_shard per block)")
     spikes: bool = option(False, "spike telemetry (SpikeMonitor, SPAM statistics) into run_dir/spikes")
+    nullify_spikes: bool = option(False, "zero the gradient coordinates whose GSS exceeds 50 before each step, "
+                                         "the paper's intervention (one process; implies --spikes)")
     tensorboard: bool = option(False, "also write TensorBoard scalars to run_dir/tensorboard")
     wandb: bool = option(False, "also log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
     progress: bool = option(True, "progress bar with loss and tokens/s")
@@ -235,9 +237,12 @@ def _save(run: Run, step: int, monitor: Any) -> None:
 
 def _spike_monitor(run: Run, saved: dict[str, Any]) -> Any:
     """The SpikeMonitor of ``--spikes`` on rank 0 (None otherwise), continued from the checkpoint ``saved``;
-    it needs whole gradients."""
-    if not run.config.spikes:
+    it needs whole gradients, and with ``nullify_spikes`` one process (it edits the gradients only there)."""
+    if not (run.config.spikes or run.config.nullify_spikes):
         return None
+    if run.config.nullify_spikes and run.processes.distributed:
+        raise ValueError("Invalid nullify_spikes value: True (the monitor runs on rank 0 only, so zeroing there "
+                         "would let the processes' gradients differ: use one process)")
     if run.config.parallel == "fsdp" and run.processes.distributed:
         raise ValueError("Invalid spikes value: True (spike telemetry needs whole gradients: use --parallel ddp)")
     if run.processes.rank != 0:
@@ -246,7 +251,7 @@ def _spike_monitor(run: Run, saved: dict[str, Any]) -> Any:
 
     core = run.model.module if hasattr(run.model, "module") else run.model
     optimizer = run.setup.optimizer
-    monitor = SpikeMonitor(core, run.run_dir / "spikes",
+    monitor = SpikeMonitor(core, run.run_dir / "spikes", nullify=run.config.nullify_spikes,
                            optimizer=optimizer if hasattr(optimizer, "record_statistics") else None)
     if saved.get("spike_monitor") is not None:
         monitor.load_state_dict(saved["spike_monitor"])
