@@ -1,7 +1,9 @@
 """Paired comparisons of finished ``spamopt compare`` runs: for each pair (A, B) of labels, the difference in
 final validation loss over the seeds both ran (same initial weights and data order per seed), its mean, sample
 std and 95 % t-interval, and a verdict: A better (the interval lies below 0), B better, or not separated.
-Also each label's validation perplexity, mean ± std. Writes JSON and prints a markdown table.
+Also each label's validation perplexity, mean ± std and per seed (a diverged run's is inf, and its pairs say
+so). Labels are folders under the runs directory, so ``nullify/adamw:ablation/adamw`` compares two
+experiments. Writes JSON and prints a markdown table.
 
     python benchmarks/claims.py runs/study/ablation spam:adamw spam:adam-clip spam-off:adamw-eps6 \\
         spam-clip-only:spam-off spam-reset-only:spam-off spam:spam-no-warmup --out results/claims.json
@@ -14,6 +16,8 @@ import json
 import math
 import statistics
 from pathlib import Path
+
+from spamopt.experiments.lm.train import perplexity
 
 # two-sided 95 % quantiles of Student's t for 1..10 degrees of freedom
 T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228}
@@ -33,6 +37,9 @@ def paired(out: Path, a: str, b: str) -> dict:
     la, lb = _losses(out, a), _losses(out, b)
     seeds = sorted(set(la) & set(lb))
     diffs = [la[s] - lb[s] for s in seeds]
+    if not all(math.isfinite(la[s]) and math.isfinite(lb[s]) for s in seeds):
+        return {"a": a, "b": b, "seeds": seeds, "loss_differences": diffs, "mean": math.nan, "std": math.nan,
+                "ci95": [math.nan, math.nan], "verdict": "a run diverged (non-finite loss)"}
     mean = statistics.fmean(diffs)
     std = statistics.stdev(diffs) if len(diffs) > 1 else math.nan
     half = T95.get(len(diffs) - 1, 1.96) * std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.inf
@@ -50,15 +57,18 @@ def main() -> None:
     labels = sorted({label for pair in args.pairs for label in pair.split(":")})
     perplexities = {}
     for label in labels:
-        values = [math.exp(v) for v in _losses(args.out_dir, label).values()]
-        perplexities[label] = [statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None]
+        values = [perplexity(v) for v in _losses(args.out_dir, label).values()]
+        finite = all(math.isfinite(v) for v in values)
+        perplexities[label] = [statistics.fmean(values) if finite else math.inf,
+                               statistics.stdev(values) if len(values) > 1 and finite else None, values]
     comparisons = [paired(args.out_dir, *pair.split(":")) for pair in args.pairs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"runs": str(args.out_dir), "perplexity": perplexities,
                                     "comparisons": comparisons}, indent=2) + "\n")
-    print("| label | validation perplexity |\n| --- | --- |")
-    for label, (mean, std) in sorted(perplexities.items(), key=lambda kv: kv[1][0]):
-        print(f"| {label} | {mean:.2f} ± {'n/a' if std is None else f'{std:.2f}'} |")
+    print("| label | validation perplexity | per seed |\n| --- | --- | --- |")
+    for label, (mean, std, values) in sorted(perplexities.items(), key=lambda kv: kv[1][0]):
+        seeds = ", ".join(f"{v:.2f}" for v in values)
+        print(f"| {label} | {mean:.2f} ± {'n/a' if std is None else f'{std:.2f}'} | {seeds} |")
     print("\n| A − B | loss difference, mean [95 % CI] | seeds | verdict |\n| --- | --- | --- | --- |")
     for c in comparisons:
         print(f"| {c['a']} − {c['b']} | {c['mean']:+.4f} [{c['ci95'][0]:+.4f}, {c['ci95'][1]:+.4f}] | "
