@@ -86,6 +86,23 @@ def test_compiled_is_the_cpu_default_only_for_large_groups(monkeypatch):
         chosen(SPAM([param], compiled=True))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the C++ backend's code")
+def test_a_kernel_first_compiled_for_a_small_tensor_still_runs_large_ones_on_every_thread():
+    """The C++ backend would decide from the first (compiled) size whether the loop runs on several threads, and
+    its disk cache would pass a one-thread kernel, built for a bias, to a later run's 16M-element embedding:
+    our kernels keep the parallel loop whatever size compiled them (OpenMP decides at run time)."""
+    from torch._inductor.utils import run_and_get_code
+
+    n = 100
+    tensors = [torch.randn(n), torch.randn(n), torch.zeros(n), torch.rand(n), torch.tensor(-1e-3, dtype=torch.float64),
+               torch.tensor([1, 5, 0, 1, 1, 0.1, 0.001, 1e-6], dtype=torch.float64)]
+    torch._dynamo.reset()
+    compiled.spam_kernel.cache_clear()
+    with torch._inductor.config.patch(force_disable_caches=True), compiled.limits():
+        _, code = run_and_get_code(compiled.spam_kernel(False), *tensors)
+    assert "#pragma omp parallel" in "".join(code)
+
+
 def test_flags_are_checked():
     param = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="Invalid foreach/compiled values"):

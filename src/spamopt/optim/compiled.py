@@ -62,21 +62,25 @@ def _update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, st
     ε. Non-finite gradient coordinates count as 0 (a step with any is skipped
     through keep when the optimizer skips them)."""
     dtype = exp_avg.dtype
-    keep, threshold, clip_unseen, factor, decay, one_minus_beta1, one_minus_beta2, eps = scalars.to(dtype).unbind(0)
+    keep, threshold, clip_unseen = scalars[:3].unbind(0)
+    # Clipping as a clamp to ±bound (min and max: no masks to blend). θ = 0 (no clipping) is an infinite bound,
+    # and so is v = 0 unless such coordinates are clipped (to 0, when clipping is in force); both chosen once, on
+    # scalars.
+    theta = torch.where(threshold > 0, threshold, float("inf")).to(dtype)
+    unseen = torch.where((clip_unseen > 0) & (threshold > 0), 0.0, float("inf")).to(dtype)
+    keep, factor, decay, one_minus_beta1, one_minus_beta2, eps = scalars[[0, 3, 4, 5, 6, 7]].to(dtype).unbind(0)
     grad = grad.to(dtype)
     # |g| < inf is False for NaN and ±Inf: one vector compare (nan_to_num's isnan is a scalar loop on the CPU).
     g = torch.where((grad.abs() < float("inf")) & (keep > 0), grad, 0.0) * factor
-    bound = (exp_avg_sq * threshold).sqrt()
-    bound = torch.where((exp_avg_sq == 0) & (clip_unseen == 0), float("inf"), bound)
-    over = g.abs() > bound
-    g = torch.where((threshold > 0) & over, torch.where(g > 0, bound, -bound), g)
-    m = exp_avg * (1.0 - one_minus_beta1 * keep) + one_minus_beta1 * g
-    v = exp_avg_sq * (1.0 - one_minus_beta2 * keep) + one_minus_beta2 * g * g
+    bound = torch.where(exp_avg_sq == 0, unseen, (exp_avg_sq * theta).sqrt())
+    clipped = torch.minimum(torch.maximum(g, -bound), bound)
+    m = exp_avg * (1.0 - one_minus_beta1 * keep) + one_minus_beta1 * clipped
+    v = exp_avg_sq * (1.0 - one_minus_beta2 * keep) + one_minus_beta2 * clipped * clipped
     p = (param.to(dtype) + m * (step_size / (v.sqrt() + eps))) * decay
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     param.copy_(p)
-    return ((threshold > 0) & over).sum() if count else None
+    return (g.abs() > bound).sum() if count else None
 
 
 def _counting(*args: Tensor) -> Tensor | None:
@@ -146,11 +150,18 @@ _LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") e
 RECOMPILE_LIMIT = 64
 
 
+# One kernel serves every tensor size, but the C++ backend decides whether its loops run on several threads
+# from the size it was first compiled for (and its on-disk cache hands that decision to later processes):
+# first compiled for a 100-element bias, it would step a 16M-element embedding on one thread. Always emitting
+# the parallel loop leaves the choice to OpenMP at run time, with the thread count torch has then.
+_OPTIONS = {"cpp.dynamic_threads": True}
+
+
 @functools.cache
 def spam_kernel(count: bool) -> Any:
     """The compiled update, with or without the clip count (two functions, so two caches), built on first use;
     call it inside :func:`limits`."""
-    return torch.compile(_counting if count else _plain, dynamic=True, fullgraph=True)
+    return torch.compile(_counting if count else _plain, dynamic=True, fullgraph=True, options=_OPTIONS)
 
 
 @functools.cache
@@ -160,7 +171,7 @@ def stable_spam_kernel(adaclip: str, adagn: bool) -> Any:
     def update(*args: Tensor) -> None:
         _stable_update(*args, adaclip=adaclip, adagn=adagn)
 
-    return torch.compile(update, dynamic=True, fullgraph=True)
+    return torch.compile(update, dynamic=True, fullgraph=True, options=_OPTIONS)
 
 
 def limits() -> Any:
