@@ -40,6 +40,15 @@ if [[ "${1:-all}" != claims ]]; then
       \"adam-clip-3e-2\": {\"lr\": 3e-2}, \"spam-1e-3\": {\"lr\": 1e-3}, \"spam-1e-2\": {\"lr\": 1e-2},
       \"spam-3e-2\": {\"lr\": 3e-2}}"
 
+  # Rows 6 and 7 on a second corpus: Project Gutenberg books in C4's shard layout ($GUTENBERG, a folder of
+  # train-*/validation-* .jsonl.xz shards; skipped when absent), the first 4M training tokens, seeds 0 and 1.
+  GUTENBERG=${GUTENBERG:-../shared/data/gutenberg}
+  if [[ -d "$GUTENBERG" ]]; then
+    spamopt compare "${COMMON[@]}" --seeds 0,1 --out-dir "$OUT/gutenberg" --data "$GUTENBERG" \
+      --max-train-tokens 4000000 --optimizers adamw,adam-clip,spam,spam-off=spam \
+      --optimizer-args "{$SPAM, \"spam-off\": {\"threshold\": 0, \"reset_interval\": 0, \"warmup_steps\": 0}}"
+  fi
+
   # Row 1: the spike census (every coordinate of every tensor, GSS > 50), AdamW at the study's settings.
   spamopt train --optimizer adamw --steps 400 --spikes --resume --no-progress --run-dir "$OUT/census"
   spamopt spikes report "$OUT/census/spikes"
