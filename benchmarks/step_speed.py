@@ -7,8 +7,9 @@ parameter, timed against the copy bandwidth measured in the same run. Writes JSO
 
 SPAM's default ``skip_nonfinite=True`` reads every gradient once more (a device-side check that all are
 finite, 4 bytes per parameter: a 32-byte floor); ``*_noskip`` rows turn it off and are the like-for-like
-comparison with torch's AdamW, which does no such check. ``pytorch_optimizer_spam`` (the packaged SPAM of
-pytorch-optimizer, ``pip install pytorch-optimizer``) is measured when installed. ``--num-warps`` repeats the
+comparison with torch's AdamW, which does no such check; the check alone is timed too
+(``nonfinite_check_ms``). ``pytorch_optimizer_spam`` (the packaged SPAM of pytorch-optimizer,
+``pip install pytorch-optimizer``) is measured when installed. ``--num-warps`` repeats the
 fused rows for each Triton warp count. ``*_compiled*`` rows are ``compiled=True``; their first step
 (``first_step_s``, with the state's creation) includes compiling the kernel, cached on disk for later runs
 (clear ``/tmp/torchinductor_$USER`` to measure a cold compile).
@@ -31,6 +32,7 @@ import torch
 from spamopt import SPAM, StableSPAM
 from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
 from spamopt.optim import compiled, fused
+from spamopt.optim.base import all_finite
 
 FLOOR_BYTES_PER_PARAMETER = 28  # fp32: read p, g, m, v; write p, m, v
 
@@ -151,11 +153,20 @@ def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float
         rows[name] = row
         del opt
     floor_ms = 1e3 * FLOOR_BYTES_PER_PARAMETER * numel / bandwidth
+    # The part of every skipping step that only checks the gradients (SPAM's default skip_nonfinite=True).
+    grads = [p.grad for _, p in named]
+    check_times = []
+    for _ in range(repeats + warmup):
+        start = time.perf_counter()
+        all_finite(grads)
+        _sync(device)
+        check_times.append(time.perf_counter() - start)
     for row in rows.values():
         row["vs_floor"] = row["ms_per_step"] / floor_ms
         row["vs_adamw_fused"] = row["ms_per_step"] / rows["adamw_fused"]["ms_per_step"]
         row["vs_adamw_foreach"] = row["ms_per_step"] / rows["adamw_foreach"]["ms_per_step"]
-    return {"model": model, "parameters": numel, "floor_ms": floor_ms, "results": rows}
+    return {"model": model, "parameters": numel, "floor_ms": floor_ms,
+            "nonfinite_check_ms": 1e3 * statistics.median(check_times[warmup:]), "results": rows}
 
 
 def main() -> None:
@@ -180,7 +191,7 @@ def main() -> None:
         run = measure(model, args.device, args.repeats, args.warmup, bandwidth, args.num_warps)
         report["runs"].append(run)
         print(f"\nLLaMA-{model} shapes, {run['parameters'] / 1e6:.1f}M parameters, {device_name}, "
-              f"28-byte floor {run['floor_ms']:.2f} ms")
+              f"28-byte floor {run['floor_ms']:.2f} ms; the non-finite check alone {run['nonfinite_check_ms']:.2f} ms")
         print(f"{'implementation':<28}{'ms/step':>10}{'vs floor':>10}{'vs fused':>10}{'vs foreach':>12}"
               f"{'state MiB':>11}{'peak extra MiB':>16}{'first step s':>14}")
         for name, row in run["results"].items():
