@@ -6,6 +6,8 @@ over several commands that each stay under a time limit (``--optimizers spam`` i
 
     python benchmarks/pretrain_table1.py --data ../shared/data/gutenberg --optimizers adamw,adam-clip,spam
 
+REPRODUCTION.md gives the command that adds the study's controls (LABEL=NAME entries with their options).
+
 Paper setup it scales down (docs/algorithm.md and the paper): sequence length 256, cosine LR with warmup to 0.1x,
 SPAM θ=5000, ΔT=500, N=150, D=20 (the default here: 1500 steps give three resets). The paper trains 10k steps
 × 512 sequences on C4 with a T5 tokenizer; this uses 128 sequences and an 8k BPE trained on the source.
@@ -29,7 +31,10 @@ from spamopt.experiments.lm.train import TrainConfig
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default="../shared/data/gutenberg")
-    parser.add_argument("--optimizers", default="adamw,adam-clip,spam")
+    parser.add_argument("--optimizers", default="adamw,adam-clip,spam",
+                        help="names, or LABEL=NAME to run a name under its own options (the controls)")
+    parser.add_argument("--optimizer-args", type=json.loads, default={},
+                        help="JSON: name or label → constructor options (default: the paper's)")
     parser.add_argument("--model", default="60m")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch-size", type=int, default=128)
@@ -48,7 +53,7 @@ def main() -> None:
                        run_dir=str(args.out))
     names = args.optimizers
     start = time.perf_counter()
-    report = compare(CompareConfig(optimizers=names, seeds=args.seeds, out_dir=str(args.out), optimizer_args={}),
+    report = compare(CompareConfig(optimizers=names, seeds=args.seeds, out_dir=str(args.out), optimizer_args=args.optimizer_args),
                      base)
     results = json.loads((args.out / "results.json").read_text())
     results["benchmark"] = {
