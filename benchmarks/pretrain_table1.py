@@ -53,8 +53,8 @@ def main() -> None:
                        run_dir=str(args.out))
     names = args.optimizers
     start = time.perf_counter()
-    report = compare(CompareConfig(optimizers=names, seeds=args.seeds, out_dir=str(args.out), optimizer_args=args.optimizer_args),
-                     base)
+    report = compare(CompareConfig(optimizers=names, seeds=args.seeds, out_dir=str(args.out),
+                                   optimizer_args=args.optimizer_args), base)
     results = json.loads((args.out / "results.json").read_text())
     results["benchmark"] = {
         "device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
