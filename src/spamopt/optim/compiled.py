@@ -19,7 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["compiled_available", "spam_kernel", "stable_spam_kernel", "flat_view", "write_back", "limits"]
+__all__ = ["compiled_available", "spam_kernel", "stable_spam_kernel", "stable_corrections", "flat_view", "write_back",
+           "limits"]
 
 
 @functools.cache
@@ -96,29 +97,37 @@ def _ema(average: Tensor, value: Tensor, gamma: Tensor, keep: Tensor) -> Tensor:
     return (average.double() * (1.0 - (1.0 - gamma) * keep) + (1.0 - gamma) * keep * value.double()).to(average.dtype)
 
 
-def _debiased(average: Tensor, gamma: Tensor, count: Tensor) -> Tensor:
-    """``average / (1 − γ^count)``, the correction in float64 (``count`` clamped to 1, as the eager code does)."""
-    return average / (1.0 - torch.pow(gamma, count.double().clamp(min=1.0))).to(average.dtype)
+def stable_corrections(steps: Tensor, stat_steps: Tensor, scalars: Tensor) -> Tensor:
+    """The five debiasing denominators of each tensor's Stable-SPAM step, one row per tensor (float64): with
+    this step's counts ``k' = k + keep`` and ``n' = n + keep`` (each clamped to 1, as the eager code does),
+    ``1 − γ1^n'``, ``1 − γ2^n'``, ``1 − γ3^n'``, ``1 − β1^k'``, ``1 − β2^k'``. Computed once per step for every
+    tensor, outside the kernel: inside, the C++ backend would raise each power again for every vector of
+    coordinates. ``steps`` and ``stat_steps`` hold the counts before the step; ``scalars`` is the kernel's."""
+    keep, gamma1, gamma2, gamma3, beta1, beta2 = scalars[[0, 3, 4, 5, 6, 7]].unbind(0)
+    k = (steps.double() + keep).clamp(min=1.0)
+    n = (stat_steps.double() + keep).clamp(min=1.0)
+    return 1.0 - torch.stack([gamma1 ** n, gamma2 ** n, gamma3 ** n, beta1 ** k, beta2 ** k], dim=1)
 
 
 def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, stat_step: Tensor,
-                   max_ema: Tensor, norm_ema: Tensor, norm_sq_ema: Tensor, scalars: Tensor, *, adaclip: str,
-                   adagn: bool) -> None:
+                   max_ema: Tensor, norm_ema: Tensor, norm_sq_ema: Tensor, scalars: Tensor, corrections: Tensor, *,
+                   adaclip: str, adagn: bool) -> None:
     """Stable-SPAM's whole per-tensor step (:mod:`spamopt.optim.stable_functional` states the math) in place on
     1-D ``param`` and the moments, and on the 1-element counters ``step`` (k), ``stat_step`` (n) and statistics
     ``max_ema`` (M), ``norm_ema`` (a), ``norm_sq_ema`` (b). A reset has zeroed ``m, v, k`` already.
 
     ``scalars`` (float64) holds, in order: keep (0 skips the step), the gradient's factor (loss-scale inverse,
-    negated to maximise), the decay factor 1 − lr·wd·keep, γ1·σ, γ2, γ3, β1·σ, β2, ε, lr."""
+    negated to maximise), the decay factor 1 − lr·wd·keep, γ1·σ, γ2, γ3, β1·σ, β2, ε, lr; ``corrections`` is
+    this tensor's row of :func:`stable_corrections`."""
     dtype = exp_avg.dtype
     keep, factor, decay, gamma1, gamma2, gamma3, beta1, beta2, eps, lr = scalars.unbind(0)
+    c1, c2, c3, bias1, bias2 = corrections.unbind(0)
     g = torch.where((grad.abs() < float("inf")) & (keep > 0), grad, 0.0).to(dtype) * factor.to(dtype)
     full = param.to(dtype) * decay.to(dtype)
-    n = stat_step + keep.to(stat_step.dtype)
     if adaclip != "off":
         mu = g.abs().amax()
         m_max = _ema(max_ema, mu, gamma3, keep)
-        bound = _debiased(m_max, gamma3, n).to(dtype)
+        bound = (m_max / c3.to(m_max.dtype)).to(dtype)
         clipped = g * (bound / mu) if adaclip == "scale" else torch.sign(g) * bound
         g = torch.where(g.abs() > bound, clipped, g)
         max_ema.copy_(m_max)
@@ -126,21 +135,19 @@ def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
         r = torch.linalg.vector_norm(g).to(norm_ema.dtype)
         a = _ema(norm_ema, r, gamma1, keep)
         b = _ema(norm_sq_ema, r * r, gamma2, keep)
-        target = _debiased(a, gamma1, n) / (_debiased(b, gamma2, n).sqrt() + eps.to(b.dtype))
+        target = a / c1.to(a.dtype) / ((b / c2.to(b.dtype)).sqrt() + eps.to(b.dtype))
         g = g * torch.where(r > 0, target / r, 1.0).to(dtype)
         norm_ema.copy_(a)
         norm_sq_ema.copy_(b)
-    k = step + keep.to(step.dtype)
     m = exp_avg * (1.0 - (1.0 - beta1) * keep).to(dtype) + (1.0 - beta1).to(dtype) * g
     v = exp_avg_sq * (1.0 - (1.0 - beta2) * keep).to(dtype) + (1.0 - beta2).to(dtype) * g * g
-    kk = k.double().clamp(min=1.0)
-    step_size = (-lr * keep / (1.0 - torch.pow(beta1, kk))).to(dtype)
-    denominator = v.sqrt() / (1.0 - torch.pow(beta2, kk)).sqrt().to(dtype) + eps.to(dtype)
+    step_size = (-lr * keep / bias1).to(dtype)
+    denominator = v.sqrt() / bias2.sqrt().to(dtype) + eps.to(dtype)
     param.copy_(full + m * step_size / denominator)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    step.copy_(k)
-    stat_step.copy_(n)
+    step.copy_(step + keep.to(step.dtype))
+    stat_step.copy_(stat_step + keep.to(stat_step.dtype))
 
 
 # Each kernel is compiled once per dtype and once more for 1-element tensors (the compiler specialises sizes

@@ -175,6 +175,8 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
             _single_tensor_stable_spam(*([array[i] for i in empty] for array in (
                 params, grads, exp_avgs, exp_avg_sqs, steps, statistics)), h, keep=keep, grad_scale=grad_scale)
         index = [i for i in index if reals[i].numel()]
+        if not index:
+            continue
         ms = [real_view(exp_avgs[i]) for i in index]
         vs = [real_view(exp_avg_sqs[i]) for i in index]
         _reset_first(ms, vs, [steps[i] for i in index], h)
@@ -184,14 +186,18 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
         values = [keep_float, factor, 1.0 - h.lr * h.weight_decay * keep_float, h.gamma1, h.gamma2, h.gamma3,
                   h.beta1 * h.sigma, h.beta2, h.eps, h.lr]
         scalars = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(()) for x in values])
-        for i, m, v in zip(index, ms, vs):
+        corrections = compiled.stable_corrections(torch.stack([steps[i].double().reshape(()) for i in index]),
+                                                  torch.stack([statistics[i]["stat_step"].double().reshape(())
+                                                               for i in index]), scalars).unbind(0)
+        for i, m, v, row in zip(index, ms, vs, corrections):
             param, stats = reals[i].detach(), statistics[i]
             work, flat_m, flat_v = compiled.flat_view(param), compiled.flat_view(m), compiled.flat_view(v)
             # The 0-dim counters and statistics go in as 1-element tensors: torch.compile drops in-place writes
             # to 0-dim float64 CPU inputs (torch 2.13), which float64 parameters' statistics are.
             counters = [compiled.flat_view(t) for t in (steps[i], stats["stat_step"], stats["max_ema"],
                                                         stats["norm_ema"], stats["norm_sq_ema"])]
-            kernel(work, compiled.flat_view(real_view(grads[i])), flat_m, flat_v, *counters, scalars)
+            # A row that is no view (clone): the kernel is guarded on no base tensor.
+            kernel(work, compiled.flat_view(real_view(grads[i])), flat_m, flat_v, *counters, scalars, row.clone())
             compiled.write_back(((param, work), (m, flat_m), (v, flat_v)))
 
 
