@@ -2,7 +2,7 @@
 # The pre-training study behind REPRODUCTION.md: the mini LLaMA on the embedded corpus, 400 steps, one command
 # per experiment. Each `spamopt compare` reuses the runs it finds finished (same config), so rerunning this
 # script after an interruption continues where it stopped; with everything finished it only rewrites reports.
-# About 2 h on 2 cores from scratch (79 runs of ~3 min on one core each, two at a time).
+# About 2 h on 2 cores from scratch (80 runs of ~3 min on one core each, two at a time).
 #
 #   bash benchmarks/study.sh            # every experiment, then the paired comparisons
 #   bash benchmarks/study.sh claims     # only the paired comparisons of finished runs
@@ -50,8 +50,15 @@ if [[ "${1:-all}" != claims ]]; then
   fi
 
   # Row 1: the spike census (every coordinate of every tensor, GSS > 50), AdamW at the study's settings.
+  # The same at lr 1e-2 (where AdamW degrades) and on the Gutenberg books.
   spamopt train --optimizer adamw --steps 400 --spikes --resume --no-progress --run-dir "$OUT/census"
-  spamopt spikes report "$OUT/census/spikes"
+  spamopt train --optimizer adamw --steps 400 --spikes --resume --no-progress --lr 1e-2 --run-dir "$OUT/census-lr1e-2"
+  for census in census census-lr1e-2; do spamopt spikes report "$OUT/$census/spikes"; done
+  if [[ -d "$GUTENBERG" ]]; then
+    spamopt train --optimizer adamw --steps 400 --spikes --resume --no-progress --data "$GUTENBERG" \
+      --max-train-tokens 4000000 --run-dir "$OUT/census-gutenberg"
+    spamopt spikes report "$OUT/census-gutenberg/spikes"
+  fi
 fi
 
 python benchmarks/claims.py "$OUT/ablation" spam:adamw spam:adam-clip spam-off:adamw adamw-eps6:adamw \
@@ -62,3 +69,7 @@ python benchmarks/claims.py "$OUT" nullify/adamw:ablation/adamw \
   lr/spam-1e-3:lr/adamw-1e-3 lr/spam-1e-3:lr/adam-clip-1e-3 lr/spam-1e-2:lr/adamw-1e-2 \
   lr/spam-1e-2:lr/adam-clip-1e-2 lr/spam-3e-2:lr/adamw-3e-2 lr/spam-3e-2:lr/adam-clip-3e-2 \
   --out results/claims_nullify_lr.json
+if [[ -d "$OUT/gutenberg" ]]; then
+  python benchmarks/claims.py "$OUT/gutenberg" spam:adamw spam:adam-clip spam-off:adamw spam:spam-off \
+    --out results/claims_gutenberg.json
+fi
