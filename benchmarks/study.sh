@@ -2,7 +2,7 @@
 # The pre-training study behind REPRODUCTION.md: the mini LLaMA on the embedded corpus, 400 steps, one command
 # per experiment. Each `spamopt compare` reuses the runs it finds finished (same config), so rerunning this
 # script after an interruption continues where it stopped; with everything finished it only rewrites reports.
-# About 2 h on 2 cores from scratch (80 runs of ~3 min on one core each, two at a time).
+# About 2 h on 2 cores from scratch (71 runs of ~3 min on one core each, two at a time).
 #
 #   bash benchmarks/study.sh            # every experiment, then the paired comparisons
 #   bash benchmarks/study.sh claims     # only the paired comparisons of finished runs
