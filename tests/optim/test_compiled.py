@@ -87,10 +87,12 @@ def test_compiled_is_the_cpu_default_only_for_large_groups(monkeypatch):
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the C++ backend's code")
-def test_a_kernel_first_compiled_for_a_small_tensor_still_runs_large_ones_on_every_thread():
+def test_the_threaded_build_keeps_its_parallel_loop_whatever_size_compiled_it():
     """The C++ backend would decide from the first (compiled) size whether the loop runs on several threads, and
     its disk cache would pass a one-thread kernel, built for a bias, to a later run's 16M-element embedding:
-    our kernels keep the parallel loop whatever size compiled them (OpenMP decides at run time)."""
+    the multi-threaded build keeps the parallel loop even when compiled for 100 elements, the one-thread build
+    (for small tensors, where starting threads costs more than it saves) has none, and the step picks the
+    build by size."""
     from torch._inductor.utils import run_and_get_code
 
     n = 100
@@ -98,9 +100,31 @@ def test_a_kernel_first_compiled_for_a_small_tensor_still_runs_large_ones_on_eve
                torch.tensor([1, 5, 0, 1, 1, 0.1, 0.001, 1e-6], dtype=torch.float64)]
     torch._dynamo.reset()
     compiled.spam_kernel.cache_clear()
-    with torch._inductor.config.patch(force_disable_caches=True), compiled.limits():
-        _, code = run_and_get_code(compiled.spam_kernel(False), *tensors)
-    assert "#pragma omp parallel" in "".join(code)
+    for threaded in (True, False):
+        with torch._inductor.config.patch(force_disable_caches=True), compiled.limits():
+            _, code = run_and_get_code(compiled.spam_kernel(False, threaded), *[t.clone() for t in tensors])
+        assert ("#pragma omp parallel" in "".join(code)) == threaded
+    assert not compiled.parallel(compiled.PARALLEL_MIN_NUMEL - 1) and compiled.parallel(compiled.PARALLEL_MIN_NUMEL)
+
+
+@pytest.mark.parametrize("optimizer", [SPAM, StableSPAM])
+def test_the_threaded_build_matches_the_for_loop(optimizer):
+    """Tensors of PARALLEL_MIN_NUMEL elements or more take the multi-threaded build (its reductions split over
+    threads): 8 steps across a reset with spikes agree with the for-loop as the one-thread build does."""
+    shapes = [(300, 300), (7,)]
+    assert compiled.parallel(300 * 300)
+    stream = spiky_gradients(shapes, 8, seed=5, spike_rate=0.01)
+    results = []
+    for implementation in ({"foreach": False}, {"compiled": True}):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+        opt = optimizer(params, lr=1e-2, reset_interval=5, **implementation)
+        for grads in stream:
+            set_grads(params, grads)
+            opt.step()
+        results.append(params)
+    for ref, got in zip(*results):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_flags_are_checked():

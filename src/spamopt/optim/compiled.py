@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["compiled_available", "spam_kernel", "stable_spam_kernel", "stable_corrections", "flat_view", "write_back",
-           "limits"]
+__all__ = ["compiled_available", "spam_kernel", "stable_spam_kernel", "stable_corrections", "parallel", "flat_view",
+           "write_back", "limits"]
 
 
 @functools.cache
@@ -151,34 +151,43 @@ def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
 
 
 # Each kernel is compiled once per dtype and once more for 1-element tensors (the compiler specialises sizes
-# 0 and 1): up to 10 versions for float32/bfloat16/float16/float64 parameters, above dynamo's default limit of 8.
-# Stable-SPAM's AdaClip/AdaGN variants (up to 6) share one code object, so its cache may hold six times that.
+# 0 and 1), in two builds (threads): up to 20 versions for float32/bfloat16/float16/float64 parameters, above
+# dynamo's default limit of 8. Stable-SPAM's AdaClip/AdaGN variants (up to 6) share one code object, so its
+# cache may hold six times that.
 _LIMIT = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
-RECOMPILE_LIMIT = 64
+RECOMPILE_LIMIT = 128
 
 
 # One kernel serves every tensor size, but the C++ backend decides whether its loops run on several threads
 # from the size it was first compiled for (and its on-disk cache hands that decision to later processes):
-# first compiled for a 100-element bias, it would step a 16M-element embedding on one thread. Always emitting
-# the parallel loop leaves the choice to OpenMP at run time, with the thread count torch has then.
-_OPTIONS = {"cpp.dynamic_threads": True}
+# first compiled for a 100-element bias, it stepped 16M-element embeddings on one thread. So each kernel has
+# two builds: one thread for tensors under PARALLEL_MIN_NUMEL elements, where starting threads costs more than
+# it saves (torch's own operators draw the line at 32K elements), and one that always keeps the parallel loop,
+# with OpenMP choosing the thread count at run time.
+PARALLEL_MIN_NUMEL = 1 << 16
+_OPTIONS = {False: {"cpp.threads": 1}, True: {"cpp.dynamic_threads": True}}
+
+
+def parallel(numel: int) -> bool:
+    """Whether a tensor of ``numel`` elements takes the kernels' multi-threaded build."""
+    return numel >= PARALLEL_MIN_NUMEL
 
 
 @functools.cache
-def spam_kernel(count: bool) -> Any:
-    """The compiled update, with or without the clip count (two functions, so two caches), built on first use;
-    call it inside :func:`limits`."""
-    return torch.compile(_counting if count else _plain, dynamic=True, fullgraph=True, options=_OPTIONS)
+def spam_kernel(count: bool, threaded: bool = True) -> Any:
+    """The compiled update, with or without the clip count (two functions, so two caches), in its one-thread or
+    multi-threaded build (:func:`parallel` chooses), built on first use; call it inside :func:`limits`."""
+    return torch.compile(_counting if count else _plain, dynamic=True, fullgraph=True, options=_OPTIONS[threaded])
 
 
 @functools.cache
-def stable_spam_kernel(adaclip: str, adagn: bool) -> Any:
+def stable_spam_kernel(adaclip: str, adagn: bool, threaded: bool = True) -> Any:
     """Stable-SPAM's compiled step for one choice of AdaClip's mode and AdaGN (each its own kernel, so an
-    ablation computes nothing it does not use); call it inside :func:`limits`."""
+    ablation computes nothing it does not use), one-thread or multi-threaded; call it inside :func:`limits`."""
     def update(*args: Tensor) -> None:
         _stable_update(*args, adaclip=adaclip, adagn=adagn)
 
-    return torch.compile(update, dynamic=True, fullgraph=True, options=_OPTIONS)
+    return torch.compile(update, dynamic=True, fullgraph=True, options=_OPTIONS[threaded])
 
 
 def limits() -> Any:

@@ -298,7 +298,7 @@ def _compiled_spam(
         scalars = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(()) for x in values])
         sparse_scalars = scalars.clone()
         sparse_scalars[4] = 1.0  # a sparse parameter decays all its coordinates after the scatter
-        kernel = compiled.spam_kernel(clip_counts is not None)
+        counting = clip_counts is not None
         for k, i in enumerate(index):
             # Detached, and a step size that is no view: the kernel is guarded on neither.
             param, m, v, grad = real_view(params[i].detach()), ms[k], vs[k], real_view(grads[i])
@@ -307,6 +307,7 @@ def _compiled_spam(
                     param.mul_(decay.to(param.dtype))
                 continue
             size = sizes[k].clone()
+            kernel = compiled.spam_kernel(counting, compiled.parallel(m.numel()))
             if mask_bits[i] is None:
                 work, flat_m, flat_v = flat(param), flat(m), flat(v)
                 clipped = kernel(work, flat(grad), flat_m, flat_v, size, scalars)

@@ -164,7 +164,6 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
     if h.reference_compat:
         raise ValueError(COMPAT_NOT_COMPILED)
     unscale = inverse_scale(grad_scale)
-    kernel = compiled.stable_spam_kernel(h.adaclip, h.adagn)
     reals = [real_view(p) for p in params]
     by_device: dict[torch.device, list[int]] = {}
     for i, p in enumerate(reals):
@@ -197,6 +196,7 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
             counters = [compiled.flat_view(t) for t in (steps[i], stats["stat_step"], stats["max_ema"],
                                                         stats["norm_ema"], stats["norm_sq_ema"])]
             # A row that is no view (clone): the kernel is guarded on no base tensor.
+            kernel = compiled.stable_spam_kernel(h.adaclip, h.adagn, compiled.parallel(m.numel()))
             kernel(work, compiled.flat_view(real_view(grads[i])), flat_m, flat_v, *counters, scalars, row.clone())
             compiled.write_back(((param, work), (m, flat_m), (v, flat_v)))
 
