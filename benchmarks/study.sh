@@ -2,7 +2,7 @@
 # The pre-training study behind REPRODUCTION.md: the mini LLaMA on the embedded corpus, 400 steps, one command
 # per experiment. Each `spamopt compare` reuses the runs it finds finished (same config), so rerunning this
 # script after an interruption continues where it stopped; with everything finished it only rewrites reports.
-# About 2 h on 2 cores from scratch (71 runs of ~3 min on one core each, two at a time).
+# About 2 h on 2 cores from scratch (77 runs of ~3 min on one core each, two at a time).
 #
 #   bash benchmarks/study.sh            # every experiment, then the paired comparisons
 #   bash benchmarks/study.sh claims     # only the paired comparisons of finished runs
@@ -34,11 +34,12 @@ if [[ "${1:-all}" != claims ]]; then
 
   # Row 15: learning-rate sweep (the ablation's lr 3e-3 runs are the fourth point), seeds 0 and 1.
   spamopt compare "${COMMON[@]}" --seeds 0,1 --out-dir "$OUT/lr" \
-    --optimizers adamw-1e-3=adamw,adamw-1e-2=adamw,adamw-3e-2=adamw,adam-clip-1e-3=adam-clip,adam-clip-1e-2=adam-clip,adam-clip-3e-2=adam-clip,spam-1e-3=spam,spam-1e-2=spam,spam-3e-2=spam \
+    --optimizers adamw-1e-3=adamw,adamw-1e-2=adamw,adamw-3e-2=adamw,adamw-1e-1=adamw,adam-clip-1e-3=adam-clip,adam-clip-1e-2=adam-clip,adam-clip-3e-2=adam-clip,adam-clip-1e-1=adam-clip,spam-1e-3=spam,spam-1e-2=spam,spam-3e-2=spam,spam-1e-1=spam \
     --optimizer-args "{$SPAM, \"adamw-1e-3\": {\"lr\": 1e-3}, \"adamw-1e-2\": {\"lr\": 1e-2},
       \"adamw-3e-2\": {\"lr\": 3e-2}, \"adam-clip-1e-3\": {\"lr\": 1e-3}, \"adam-clip-1e-2\": {\"lr\": 1e-2},
       \"adam-clip-3e-2\": {\"lr\": 3e-2}, \"spam-1e-3\": {\"lr\": 1e-3}, \"spam-1e-2\": {\"lr\": 1e-2},
-      \"spam-3e-2\": {\"lr\": 3e-2}}"
+      \"spam-3e-2\": {\"lr\": 3e-2}, \"adamw-1e-1\": {\"lr\": 1e-1}, \"adam-clip-1e-1\": {\"lr\": 1e-1},
+      \"spam-1e-1\": {\"lr\": 1e-1}}"
 
   # Rows 6 and 7 on a second corpus: Project Gutenberg books in C4's shard layout ($GUTENBERG, a folder of
   # train-*/validation-* .jsonl.xz shards; skipped when absent), the first 4M training tokens, seeds 0 and 1.
