@@ -69,6 +69,7 @@ python benchmarks/claims.py "$OUT/ablation" spam:adamw spam:adam-clip spam-off:a
 python benchmarks/claims.py "$OUT" nullify/adamw:ablation/adamw \
   lr/spam-1e-3:lr/adamw-1e-3 lr/spam-1e-3:lr/adam-clip-1e-3 lr/spam-1e-2:lr/adamw-1e-2 \
   lr/spam-1e-2:lr/adam-clip-1e-2 lr/spam-3e-2:lr/adamw-3e-2 lr/spam-3e-2:lr/adam-clip-3e-2 \
+  lr/spam-1e-1:lr/adamw-1e-1 lr/spam-1e-1:lr/adam-clip-1e-1 \
   --out results/claims_nullify_lr.json
 if [[ -d "$OUT/gutenberg" ]]; then
   python benchmarks/claims.py "$OUT/gutenberg" spam:adamw spam:adam-clip spam-off:adamw spam:spam-off \
