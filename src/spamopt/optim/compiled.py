@@ -5,9 +5,10 @@ the dozen passes of the eager implementations.
 The kernel sees only tensors: this step's learning rate, bias correction and warmup multiplier arrive folded
 into a 0-dim ``step_size``, and θ, the skip flag, the decay factor, the loss-scale inverse and the betas in
 one small ``scalars`` tensor, so no schedule, group or hyperparameter changes the compiled code. It is
-compiled once for every tensor size (``dynamic=True``) per dtype, twice if clip counts are asked for
-(telemetry). Resets zero the moments before the kernel (once per period); sparse parameters gather their
-kept coordinates, run the same kernel and scatter back.
+compiled once for every tensor size (``dynamic=True``) per dtype and per build (one-thread below
+``PARALLEL_MIN_NUMEL`` elements, multi-threaded above), twice if clip counts are asked for (telemetry).
+Resets zero the moments before the kernel (once per period); sparse parameters gather their kept
+coordinates, run the same kernel and scatter back.
 """
 
 from __future__ import annotations
