@@ -20,8 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["compiled_available", "spam_kernel", "stable_spam_kernel", "stable_corrections", "parallel", "flat_view",
-           "write_back", "limits"]
+__all__ = ["compiled_available", "spam_kernel", "stable_spam_kernel", "parallel", "flat_view", "write_back",
+           "limits"]
 
 
 @functools.cache
@@ -98,18 +98,6 @@ def _ema(average: Tensor, value: Tensor, gamma: Tensor, keep: Tensor) -> Tensor:
     return (average.double() * (1.0 - (1.0 - gamma) * keep) + (1.0 - gamma) * keep * value.double()).to(average.dtype)
 
 
-def stable_corrections(steps: Tensor, stat_steps: Tensor, scalars: Tensor) -> Tensor:
-    """The five debiasing denominators of each tensor's Stable-SPAM step, one row per tensor (float64): with
-    this step's counts ``k' = k + keep`` and ``n' = n + keep`` (each clamped to 1, as the eager code does),
-    ``1 − γ1^n'``, ``1 − γ2^n'``, ``1 − γ3^n'``, ``1 − β1^k'``, ``1 − β2^k'``. Computed once per step for every
-    tensor, outside the kernel: inside, the C++ backend would raise each power again for every vector of
-    coordinates. ``steps`` and ``stat_steps`` hold the counts before the step; ``scalars`` is the kernel's."""
-    keep, gamma1, gamma2, gamma3, beta1, beta2 = scalars[[0, 3, 4, 5, 6, 7]].unbind(0)
-    k = (steps.double() + keep).clamp(min=1.0)
-    n = (stat_steps.double() + keep).clamp(min=1.0)
-    return 1.0 - torch.stack([gamma1 ** n, gamma2 ** n, gamma3 ** n, beta1 ** k, beta2 ** k], dim=1)
-
-
 def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor, stat_step: Tensor,
                    max_ema: Tensor, norm_ema: Tensor, norm_sq_ema: Tensor, scalars: Tensor, corrections: Tensor, *,
                    adaclip: str, adagn: bool) -> None:
@@ -118,11 +106,13 @@ def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     ``max_ema`` (M), ``norm_ema`` (a), ``norm_sq_ema`` (b). A reset has zeroed ``m, v, k`` already.
 
     ``scalars`` (float64) holds, in order: keep (0 skips the step), the gradient's factor (loss-scale inverse,
-    negated to maximise), the decay factor 1 − lr·wd·keep, γ1·σ, γ2, γ3, β1·σ, β2, ε, lr; ``corrections`` is
-    this tensor's row of :func:`stable_corrections`."""
+    negated to maximise), the decay factor 1 − lr·wd·keep, γ1·σ, γ2, γ3, β1·σ, β2, ε, lr; ``corrections``
+    (float64) this step's debiasing denominators with the counts k + keep and n + keep: 1 − γ1^n, 1 − γ2^n,
+    1 − γ3^n, 1 − β1^k and sqrt(1 − β2^k). They come in computed (once per step for every tensor): inside the
+    kernel the C++ backend would raise each power again for every vector of coordinates."""
     dtype = exp_avg.dtype
     keep, factor, decay, gamma1, gamma2, gamma3, beta1, beta2, eps, lr = scalars.unbind(0)
-    c1, c2, c3, bias1, bias2 = corrections.unbind(0)
+    c1, c2, c3, bias1, sqrt_bias2 = corrections.unbind(0)
     g = torch.where((grad.abs() < float("inf")) & (keep > 0), grad, 0.0).to(dtype) * factor.to(dtype)
     full = param.to(dtype) * decay.to(dtype)
     if adaclip != "off":
@@ -143,7 +133,7 @@ def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     m = exp_avg * (1.0 - (1.0 - beta1) * keep).to(dtype) + (1.0 - beta1).to(dtype) * g
     v = exp_avg_sq * (1.0 - (1.0 - beta2) * keep).to(dtype) + (1.0 - beta2).to(dtype) * g * g
     step_size = (-lr * keep / bias1).to(dtype)
-    denominator = v.sqrt() / bias2.sqrt().to(dtype) + eps.to(dtype)
+    denominator = v.sqrt() / sqrt_bias2.to(dtype) + eps.to(dtype)
     param.copy_(full + m * step_size / denominator)
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)

@@ -43,11 +43,15 @@ def _ema_(average: Tensor, value: Tensor | float, gamma: float | Tensor, keep: f
     average.mul_(1.0 - (1.0 - gamma) * keep).add_((1.0 - gamma) * keep * value)
 
 
+def debias_correction(gamma: float | Tensor, count: Tensor) -> Tensor:
+    """``1 − γ^count`` in float64 (a float32 counter would round ``γ^count``). ``count`` ≥ 1 after the first
+    kept step; clamping spares a 0/0 when the very first step is skipped."""
+    return 1.0 - torch.pow(gamma, count.to(torch.float64).clamp(min=1.0))
+
+
 def _debiased(average: Tensor, gamma: float | Tensor, count: Tensor) -> Tensor:
-    """``average / (1 − γ^count)``, the correction in float64 (a float32 counter would round ``γ^count``).
-    ``count`` ≥ 1 after the first kept step; clamping spares a 0/0 when the very first step is skipped."""
-    correction = 1.0 - torch.pow(gamma, count.to(torch.float64).clamp(min=1.0))
-    return average / correction.to(average.dtype)
+    """``average / (1 − γ^count)``, the correction from :func:`debias_correction`."""
+    return average / debias_correction(gamma, count).to(average.dtype)
 
 
 def adaclip_(g: Tensor, max_ema: Tensor, count: Tensor, gamma3: float, keep: float | Tensor, mode: str) -> None:

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from .base import buckets_by_device_and_dtype, gradient_copy, inverse_scale, keep_on, real_view
-from .stabilize import adaclip_, adagn_
+from .stabilize import adaclip_, adagn_, debias_correction
 
 __all__ = ["StableStep", "stable_spam", "COMPAT_NOT_COMPILED"]
 
@@ -185,9 +185,11 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
         values = [keep_float, factor, 1.0 - h.lr * h.weight_decay * keep_float, h.gamma1, h.gamma2, h.gamma3,
                   h.beta1 * h.sigma, h.beta2, h.eps, h.lr]
         scalars = torch.stack([torch.as_tensor(x, dtype=torch.float64, device=device).reshape(()) for x in values])
-        corrections = compiled.stable_corrections(torch.stack([steps[i].double().reshape(()) for i in index]),
-                                                  torch.stack([statistics[i]["stat_step"].double().reshape(())
-                                                               for i in index]), scalars).unbind(0)
+        # This step's counts for every tensor at once, and the debiasing denominators the kernel takes.
+        k = torch.stack([steps[i].double().reshape(()) for i in index]) + keep_float
+        n = torch.stack([statistics[i]["stat_step"].double().reshape(()) for i in index]) + keep_float
+        corrections = torch.stack([debias_correction(h.gamma1, n), debias_correction(h.gamma2, n),
+                                   debias_correction(h.gamma3, n), *_bias_corrections(k, h)], dim=1).unbind(0)
         for i, m, v, row in zip(index, ms, vs, corrections):
             param, stats = reals[i].detach(), statistics[i]
             work, flat_m, flat_v = compiled.flat_view(param), compiled.flat_view(m), compiled.flat_view(v)
@@ -195,8 +197,8 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
             # to 0-dim float64 CPU inputs (torch 2.13), which float64 parameters' statistics are.
             counters = [compiled.flat_view(t) for t in (steps[i], stats["stat_step"], stats["max_ema"],
                                                         stats["norm_ema"], stats["norm_sq_ema"])]
-            # A row that is no view (clone): the kernel is guarded on no base tensor.
             kernel = compiled.stable_spam_kernel(h.adaclip, h.adagn, compiled.parallel(m.numel()))
+            # A row that is no view (clone): the kernel is guarded on no base tensor.
             kernel(work, compiled.flat_view(real_view(grads[i])), flat_m, flat_v, *counters, scalars, row.clone())
             compiled.write_back(((param, work), (m, flat_m), (v, flat_v)))
 
