@@ -1,9 +1,15 @@
 """``spamopt <command>``: parses arguments, then calls one function. The library's own command (``spikes
-report``) is here; every experiment family's commands are discovered from ``spamopt.experiments``."""
+report``) is here; every experiment family's commands are discovered from ``spamopt.experiments``.
+
+A failing command prints one line, ``spamopt: error: ...``, and exits with 2 when the input was refused (a bad
+value, a missing file, a run folder it may not touch) and 1 when the work failed; ``--debug`` or
+``SPAMOPT_DEBUG=1`` shows the traceback instead."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from pathlib import Path
 
 from spamopt.experiments.harness.command import Command, discover
@@ -28,6 +34,7 @@ LIBRARY_COMMANDS = [Command(("spikes", "report"), "plots and a markdown summary 
 def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     """One subcommand per command; a two-word path makes a command group (``spamopt spikes report``)."""
     parser = argparse.ArgumentParser(prog="spamopt", description="SPAM optimizer tools")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     top = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for command in commands:
@@ -45,9 +52,24 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     return parser
 
 
+# Errors in what the user asked for (exit 2); any other exception is a failure of the work (exit 1).
+USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser(LIBRARY_COMMANDS + discover()).parse_args(argv)
-    args.run(args)
+    if args.debug or os.environ.get("SPAMOPT_DEBUG", "") not in ("", "0"):
+        args.run(args)
+        return
+    try:
+        args.run(args)
+    except KeyboardInterrupt:
+        print("spamopt: interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as error:  # noqa: BLE001 (one line for every error; --debug shows the traceback)
+        message = " ".join(str(error).split()) or type(error).__name__
+        print(f"spamopt: error: {message}", file=sys.stderr)
+        sys.exit(2 if isinstance(error, USAGE_ERRORS) else 1)
 
 
 if __name__ == "__main__":

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from ..jsonl import read_jsonl
 from ..plotting import pyplot, save
 from .layers import LAYER_TYPES, layer_type
 from .monitor import RECORDS_FILE
@@ -16,8 +16,10 @@ def load_records(run_dir: str | Path) -> list[dict[str, Any]]:
     path = Path(run_dir) / RECORDS_FILE
     if not path.exists():
         raise FileNotFoundError(f"no {RECORDS_FILE} in {run_dir}: run a SpikeMonitor with run_dir={run_dir!s}")
-    with path.open(encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    records = read_jsonl(path)
+    if not any(r.get("kind") == "meta" for r in records):
+        raise ValueError(f"{path} holds no monitor records (it is empty, or not a SpikeMonitor's {RECORDS_FILE})")
+    return records
 
 
 def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:

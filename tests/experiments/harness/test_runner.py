@@ -1,5 +1,6 @@
 """The optimizers × seeds runner: every (name, seed) runs once in its own folder; a run finished under the same
-config is reused, one with another config runs again; parallel workers run each pending run once, in processes
+config is reused; one made with another config is refused before anything runs, naming the run and the field,
+and runs again only with ``overwrite``; a run whose summary is unreadable counts as unfinished; parallel workers run each pending run once, in processes
 of one thread; lists and labels are parsed with clear errors."""
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from spamopt.experiments.harness.rundir import RunRefused
 from spamopt.experiments.harness.runner import finished, parse_labelled, parse_list, run_grid, run_jobs
 
 
@@ -20,6 +22,8 @@ class Job:
     seed: int
     run_dir: str
     size: int = 1
+    resume: bool = True  # as the families' grids set it
+    overwrite: bool = False
 
 
 def _execute(calls):
@@ -30,7 +34,7 @@ def _execute(calls):
         directory = Path(job.run_dir)
         directory.mkdir(parents=True, exist_ok=True)
         (directory / "config.json").write_text(json.dumps(asdict(job)))
-        (directory / "summary.json").write_text("{}")
+        (directory / "summary.json").write_text('{"done": true}')
     return execute
 
 
@@ -43,9 +47,27 @@ def test_each_run_once_then_reused_until_its_config_changes(tmp_path):
     calls.clear()
     run_grid(tmp_path, ["a", "b"], [0, 1], make, _execute(calls))
     assert calls == []
-    run_grid(tmp_path, ["a"], [0], lambda name, seed, directory: Job(name, seed, str(directory), size=2),
-             _execute(calls))
+    changed = lambda name, seed, directory: Job(name, seed, str(directory), size=2)  # noqa: E731
+    with pytest.raises(RunRefused, match=r"2 of 2 runs .*a/seed0 holds a run made with other settings \(size: 1 -> 2\)"
+                                         r".*a/seed1"):
+        run_grid(tmp_path, ["a"], [0, 1], changed, _execute(calls))
+    assert calls == []
+    overwrite = lambda name, seed, directory: Job(name, seed, str(directory), size=2, overwrite=True)  # noqa: E731
+    run_grid(tmp_path, ["a"], [0], overwrite, _execute(calls))
     assert calls == [("a", 0)]
+
+
+@pytest.mark.parametrize("summary", ["", "{}", '{"val_perpl', "[1]"])
+def test_a_run_with_an_unreadable_summary_is_unfinished(tmp_path, summary):
+    """A summary cut short, empty or not an object (a kill or a full disk while it was written by an older
+    version) does not make the run count as finished: it is run (resumed) again."""
+    calls: list = []
+    make = lambda name, seed, directory: Job(name, seed, str(directory))  # noqa: E731
+    run_grid(tmp_path, ["a"], [0], make, _execute(calls))
+    (tmp_path / "a" / "seed0" / "summary.json").write_text(summary)
+    assert not finished(tmp_path / "a" / "seed0", Job("a", 0, str(tmp_path / "a" / "seed0")))
+    run_grid(tmp_path, ["a"], [0], make, _execute(calls))
+    assert calls == [("a", 0), ("a", 0)]
 
 
 @dataclass

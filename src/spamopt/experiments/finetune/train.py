@@ -5,12 +5,10 @@ are drawn by a generator seeded with (seed, step), so a resumed run repeats an u
 
 from __future__ import annotations
 
-import json
 import math
 import random
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -18,6 +16,7 @@ import torch.nn.functional as F
 from ..harness import checkpoint
 from ..harness.config import check_fields, option
 from ..harness.metrics import Metrics
+from ..harness.rundir import begin, overwrite_option, plan, resume_option, write_summary
 from ..harness.optimizers import build_optimizer
 from ..harness.schedule import lr_multiplier
 from .data import Example, candidates, generate_task, prompt, read_jsonl, response_for
@@ -49,7 +48,10 @@ class FinetuneConfig:
     eval_every: int = option(50, "evaluate and checkpoint every k steps (and at the end)")
     seed: int = option(0, "seed of the data order (and of the generated task's training items)")
     run_dir: str = option("runs/finetune/run", "where config, metrics, checkpoint and summary go")
-    resume: bool = option(False, "continue from run_dir/checkpoint.pt when it exists")
+    resume: bool = resume_option()
+    overwrite: bool = overwrite_option()
+
+    FREE_ON_RESUME: ClassVar[frozenset[str]] = frozenset({"steps"})  # what --resume may change: the length
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -140,9 +142,7 @@ def evaluate(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Ten
 
 def train(config: FinetuneConfig) -> dict[str, Any]:
     """Fine-tune, evaluate, checkpoint; returns and writes ``summary.json``."""
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    start = plan(config)
     loaded = load_causal_lm(config.base)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = loaded.model.to(device)
@@ -153,9 +153,11 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     setup = build_optimizer(config.optimizer, model, loaded.layout, lr=config.lr,
                             weight_decay=config.weight_decay, options=config.optimizer_args)
     optimizer = setup.optimizer
+    begin(start, config)
+    run_dir = start.run_dir
     path = run_dir / checkpoint.CHECKPOINT
     progress: dict[str, Any] = {"step": 0, "last": None, "best_accuracy": None}
-    if config.resume and path.exists():
+    if start.resume:
         saved = checkpoint.load(path, model=model, optimizer=optimizer, distributed=False)
         progress = saved["progress"]
         if setup.clipper is not None:
@@ -173,6 +175,7 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
     if progress["last"] is None:
         record(None)  # the base model, before any step
     window: list[float] = []
+    stopped = None
     while progress["step"] < config.steps:
         step = progress["step"]
         for group in optimizer.param_groups:
@@ -192,8 +195,12 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
             record(sum(window) / len(window))
             window = []
             extra = {} if setup.clipper is None else {"clipper": setup.clipper.state_dict()}
-            checkpoint.save(path, model=model, optimizer=optimizer, rank=0, distributed=False, progress=progress,
-                            **extra)
+            try:
+                checkpoint.save(path, model=model, optimizer=optimizer, rank=0, distributed=False,
+                                step=progress["step"], loss=loss.detach(), progress=progress, **extra)
+            except checkpoint.NonFiniteError as error:  # diverged: the last good checkpoint stays
+                stopped = error
+                break
     metrics.close()
     last = progress["last"]
     summary = {"optimizer": config.optimizer, "seed": config.seed, "steps": progress["step"],
@@ -201,7 +208,9 @@ def train(config: FinetuneConfig) -> dict[str, Any]:
                "best_accuracy": progress["best_accuracy"], "base": loaded.description,
                "train_items": len(train_items), "eval_items": len(held_out),
                "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu"}
-    if not math.isfinite(summary["eval_loss"]):
+    if not math.isfinite(summary["eval_loss"]) or stopped is not None:
         summary["diverged"] = True
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if stopped is not None:
+        summary.update(stopped_at_step=stopped.step, stopped=str(stopped))
+    write_summary(run_dir, summary)
     return summary

@@ -8,7 +8,7 @@ import json
 import typing
 from typing import Any
 
-__all__ = ["option", "check_fields", "add_options", "from_args"]
+__all__ = ["option", "check_fields", "json_object", "add_options", "from_args"]
 
 
 def option(default: Any, help: str) -> Any:
@@ -26,6 +26,19 @@ def check_fields(config: Any, checks: dict[str, tuple[bool, str]]) -> None:
             raise ValueError(f"Invalid {name} value: {getattr(config, name)!r} ({accepted})")
 
 
+def json_object(text: str) -> dict[str, Any]:
+    """A command-line JSON object (``'{"lr": 1e-3}'``); anything else is a usage error saying so."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"{text!r} is not valid JSON ({error.msg}); expected an object such as "
+                                         "'{\"key\": 1}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} is a JSON {type(value).__name__}; expected an object such as "
+                                         "'{\"key\": 1}'")
+    return value
+
+
 def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...] = ()) -> None:
     """One ``--option`` per dataclass field, typed from its annotation, defaulting to the field's default."""
     hints = typing.get_type_hints(cls)
@@ -41,7 +54,7 @@ def add_options(parser: argparse.ArgumentParser, cls: type, skip: tuple[str, ...
                                 help=spec.metadata.get("help"))
             continue
         if typing.get_origin(kind) is dict:
-            convert: Any = json.loads
+            convert: Any = json_object
         else:
             options = [t for t in typing.get_args(kind) if t is not type(None)] or [kind]
             convert = options[0]

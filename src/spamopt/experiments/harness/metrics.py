@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from spamopt.extras import require
+from spamopt.jsonl import read_jsonl
 
 __all__ = ["Metrics", "read_records"]
 
@@ -15,9 +16,8 @@ METRICS = "metrics.jsonl"
 
 
 def read_records(run_dir: str | Path) -> list[dict[str, Any]]:
-    """The records of a run's ``metrics.jsonl``."""
-    lines = (Path(run_dir) / METRICS).read_text().splitlines()
-    return [json.loads(line) for line in lines if line.strip()]
+    """The records of a run's ``metrics.jsonl`` (a last line cut short by a kill is dropped, with a warning)."""
+    return read_jsonl(Path(run_dir) / METRICS)
 
 
 class Metrics:
@@ -39,9 +39,8 @@ class Metrics:
             return
         kept = []
         if resumed_step and self.path.exists():
-            kept = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= resumed_step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+            kept = [record for record in read_jsonl(self.path) if record["step"] <= resumed_step]
+        self.path.write_text("".join(json.dumps(record) + "\n" for record in kept))
         if tensorboard:
             self.writers.append(require("torch.utils.tensorboard", "tensorboard", "tensorboard")
                                 .SummaryWriter(str(run_dir / "tensorboard")))

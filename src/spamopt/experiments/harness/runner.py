@@ -10,16 +10,15 @@ import multiprocessing
 import os
 import re
 from collections.abc import Callable
-from dataclasses import MISSING, Field, asdict, fields
 from pathlib import Path
 from typing import Any
 
 from .processes import is_rank_zero
+from .rundir import CONFIG, RunRefused, config_differences, plan, read_summary
 
-__all__ = ["parse_list", "parse_labelled", "entry_options", "run_dir", "finished", "run_jobs", "run_grid"]
+__all__ = ["parse_list", "parse_labelled", "entry_options", "run_dir", "finished", "refuse_conflicts", "run_jobs",
+           "run_grid"]
 
-CONFIG = "config.json"
-SUMMARY = "summary.json"
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
 
 
@@ -58,25 +57,32 @@ def run_dir(out_dir: str | Path, name: str, seed: int) -> Path:
 
 
 def finished(directory: str | Path, config: Any) -> bool:
-    """A run is finished when it wrote its summary under exactly this config (a dataclass). A field the
-    stored config lacks (added to the dataclass after the run) counts as equal when ``config`` holds its
-    default there: the run was made with that behaviour."""
+    """A run is finished when it wrote a readable summary under exactly this config (a dataclass; see
+    :func:`~.rundir.config_differences` for fields added since)."""
     directory = Path(directory)
-    if not (directory / SUMMARY).exists() or not (directory / CONFIG).exists():
-        return False
-    stored = json.loads((directory / CONFIG).read_text())
-    current = json.loads(json.dumps(asdict(config)))
-    added = [f for f in fields(config) if f.name not in stored]
-    return stored == {key: value for key, value in current.items() if key in stored} and all(
-        _has_default(f) and current[f.name] == json.loads(json.dumps(_default(f))) for f in added)
+    stored = _stored_config(directory)
+    return read_summary(directory) is not None and stored is not None and not config_differences(stored, config)
 
 
-def _has_default(f: Field) -> bool:
-    return f.default is not MISSING or f.default_factory is not MISSING
+def _stored_config(directory: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((directory / CONFIG).read_text())
+    except (OSError, ValueError):
+        return None
 
 
-def _default(f: Field) -> Any:
-    return f.default if f.default is not MISSING else f.default_factory()
+def refuse_conflicts(configs: list[Any]) -> None:
+    """Check every run's folder before any run starts (:func:`~.rundir.plan`): one error names every run that
+    would be refused, and why."""
+    refusals = []
+    for config in configs:
+        try:
+            plan(config)
+        except RunRefused as refusal:
+            refusals.append(str(refusal))
+    if refusals:
+        raise RunRefused(f"{len(refusals)} of {len(configs)} runs cannot be reused or continued: "
+                         + " | ".join(refusals))
 
 
 def _single_thread(job: tuple[Callable[[Any], Any], Any]) -> str:
@@ -97,6 +103,7 @@ def run_jobs(configs: list[Any], execute: Callable[[Any], Any], workers: int = 1
     if workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"Invalid workers value: {workers} (parallel workers cannot run under torchrun: use 1)")
     pending = [config for config in configs if not finished(config.run_dir, config)]
+    refuse_conflicts(pending)
     if workers == 1 or len(pending) <= 1:
         for config in pending:
             if is_rank_zero():

@@ -12,7 +12,7 @@ from .compare import CompareConfig, compare
 from .train import TrainConfig, train
 
 # compare sets these per run
-_PER_RUN = ("optimizer", "seed", "run_dir", "resume", "optimizer_args")
+_PER_RUN = ("optimizer", "seed", "run_dir", "resume", "optimizer_args")  # --overwrite applies to every run
 
 
 def _compare_arguments(parser: argparse.ArgumentParser) -> None:
@@ -21,7 +21,13 @@ def _compare_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    run_command(lambda: json.dumps(train(from_args(TrainConfig, args)), indent=2))
+    def work() -> str:
+        summary = train(from_args(TrainConfig, args))
+        if summary.get("stopped"):  # diverged: the summary says where; the command fails
+            raise RuntimeError(summary["stopped"])
+        return json.dumps(summary, indent=2)
+
+    run_command(work)
 
 
 def _compare(args: argparse.Namespace) -> None:

@@ -7,13 +7,12 @@ micro-batches, so a run on N processes sees the same data as a run on one.
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +27,7 @@ from ..harness.metrics import Metrics
 from ..harness.optimizers import OptimizerSetup, build_optimizer, state_bytes
 from ..harness.processes import Processes
 from ..harness.quantize import SCHEMES, quantize_model
+from ..harness.rundir import Start, begin, overwrite_option, plan, resume_option, write_summary
 from ..harness.schedule import lr_multiplier
 from .config import CONFIGS, is_block_matrix, optimizer_layout
 from .data import DataConfig, TokenData, TokenWindows, prepare
@@ -64,7 +64,8 @@ class TrainConfig:
     log_every: int = option(10, "steps per metrics record")
     checkpoint_every: int = option(50, "checkpoint every k steps (and at the end); 0: only at the end")
     run_dir: str = option("runs/train", "where config, metrics, checkpoint and summary go")
-    resume: bool = option(False, "continue from run_dir/checkpoint.pt when it exists")
+    resume: bool = resume_option()
+    overwrite: bool = overwrite_option()
     parallel: str = option("ddp", "under torchrun: ddp or fsdp (FSDP2 fully_shard per block)")
     spikes: bool = option(False, "spike telemetry (SpikeMonitor, SPAM statistics) into run_dir/spikes")
     nullify_spikes: bool = option(False, "zero the gradient coordinates whose GSS exceeds 50 before each step, "
@@ -72,6 +73,12 @@ class TrainConfig:
     tensorboard: bool = option(False, "also write TensorBoard scalars to run_dir/tensorboard")
     wandb: bool = option(False, "also log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
     progress: bool = option(True, "progress bar with loss and tokens/s")
+
+    # What --resume may change: the run's length (the cosine schedule follows the new one from there on),
+    # cadences that neither read nor advance the RNG or the data (tested in tests/experiments/lm/test_faults.py),
+    # and DDP vs FSDP2 (full state dicts reshard; the same global batch either way).
+    FREE_ON_RESUME: ClassVar[frozenset[str]] = frozenset({"steps", "eval_every", "log_every", "checkpoint_every",
+                                                          "cache_dir", "parallel"})
 
     def __post_init__(self) -> None:
         checks = {
@@ -159,6 +166,7 @@ class Run:
 
     config: TrainConfig
     processes: Processes
+    start: Start  # what the run folder holds and how this run begins there
     run_dir: Path
     micro: int  # sequences per process per forward pass
     accumulation: int  # micro-steps per optimizer step
@@ -175,7 +183,9 @@ class Run:
 
 
 def _set_up(config: TrainConfig) -> Run:
-    """Processes, data (tokenized once by rank 0), model, optimizer and LR schedule."""
+    """Processes, data (tokenized once by rank 0), model, optimizer and LR schedule; the run folder is checked
+    first and written last, so a refused or failing setup leaves it as it was."""
+    start = plan(config)
     processes = Processes.start()
     run_dir = Path(config.run_dir)
     micro = config.micro_batch_size or config.batch_size // processes.world
@@ -184,8 +194,6 @@ def _set_up(config: TrainConfig) -> Run:
                          f"multiple of micro_batch_size × processes = {micro} × {processes.world})")
     data_config = config.data_config()
     if processes.rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
         data = prepare(data_config, config.cache_dir)
     processes.barrier()
     if processes.rank != 0:
@@ -203,14 +211,17 @@ def _set_up(config: TrainConfig) -> Run:
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         setup.optimizer, lambda s: lr_multiplier(s, config.warmup_steps, config.steps, config.min_lr_ratio))
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if processes.device.type == "cuda" else nullcontext()
-    return Run(config, processes, run_dir, micro, config.batch_size // (micro * processes.world), data, model,
+    if processes.rank == 0:
+        begin(start, config)
+    processes.barrier()
+    return Run(config, processes, start, run_dir, micro, config.batch_size // (micro * processes.world), data, model,
                sum(math.prod(shape) for shape in model_config.parameter_shapes().values()), setup, scheduler,
                autocast)
 
 
 def _resume(run: Run) -> dict[str, Any]:
     """Restore the last checkpoint when asked and present; returns the rest of it (``{}``: a fresh start)."""
-    if not (run.config.resume and run.checkpoint_path.exists()):
+    if not run.start.resume:
         return {}
     saved = checkpoint.load(run.checkpoint_path, model=run.model, optimizer=run.setup.optimizer,
                             distributed=run.processes.distributed)
@@ -223,12 +234,13 @@ def _resume(run: Run) -> dict[str, Any]:
     return saved
 
 
-def _save(run: Run, step: int, monitor: Any) -> None:
+def _save(run: Run, step: int, monitor: Any, loss: Tensor) -> None:
     device = run.processes.device
     if monitor is not None:
         monitor.flush()  # the spike records up to this step are on disk with the state that continues them
     checkpoint.save(run.checkpoint_path, model=run.model, optimizer=run.setup.optimizer, rank=run.processes.rank,
-                    distributed=run.processes.distributed, scheduler=run.scheduler.state_dict(), step=step,
+                    distributed=run.processes.distributed, step=step, loss=loss,
+                    scheduler=run.scheduler.state_dict(),
                     samples_seen=step * run.config.batch_size, rng=torch.get_rng_state(),
                     cuda_rng=torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
                     clipper=run.setup.clipper.state_dict() if run.setup.clipper else None, config=asdict(run.config),
@@ -276,9 +288,10 @@ def _forward_backward(run: Run, windows: TokenWindows, step: int) -> Tensor:
     return step_loss
 
 
-def _optimizer_step(run: Run, windows: TokenWindows, step: int, monitor: Any, running_loss: Tensor) -> float:
+def _optimizer_step(run: Run, windows: TokenWindows, step: int, monitor: Any,
+                    running_loss: Tensor) -> tuple[float, Tensor]:
     """One optimizer step (0-based ``step``): gradients, telemetry, clipping, update, LR schedule; adds the
-    step's loss to ``running_loss`` and returns the learning rate it used."""
+    step's loss to ``running_loss`` and returns the learning rate it used and the loss."""
     step_loss = _forward_backward(run, windows, step)
     running_loss += step_loss
     if monitor is not None:  # the raw gradients, before any clipping; steps numbered as in the metrics
@@ -291,7 +304,7 @@ def _optimizer_step(run: Run, windows: TokenWindows, step: int, monitor: Any, ru
     run.setup.optimizer.step()
     run.scheduler.step()
     run.setup.optimizer.zero_grad(set_to_none=True)
-    return lr
+    return lr, step_loss
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -317,45 +330,50 @@ def train(config: TrainConfig) -> dict[str, Any]:
     # The second step of the process is measured (and so not timed): by then the optimizer state exists for
     # the whole step, as in every later one (during the first, it appears only after the backward's peak).
     measured = start + 1 if start + 1 < config.steps else start
-    for step in range(start, config.steps):
-        if step == measured:
-            with step_peak_memory(model, optimizer, processes.device) as peak:
-                lr = _optimizer_step(run, windows, step, monitor, running_loss)
-            clock, timed_from = time.perf_counter(), step + 1
-        else:
-            lr = _optimizer_step(run, windows, step, monitor, running_loss)
-        done = step + 1
+    stopped: checkpoint.NonFiniteError | None = None
+    try:
+        for step in range(start, config.steps):
+            if step == measured:
+                with step_peak_memory(model, optimizer, processes.device) as peak:
+                    lr, step_loss = _optimizer_step(run, windows, step, monitor, running_loss)
+                clock, timed_from = time.perf_counter(), step + 1
+            else:
+                lr, step_loss = _optimizer_step(run, windows, step, monitor, running_loss)
+            done = step + 1
 
-        if done % config.log_every == 0 or done == config.steps:
-            train_loss = processes.mean(running_loss).item() / (done - loss_from)
-            record = {"train_loss": train_loss, "lr": lr}
-            if done > timed_from:
-                record["tokens_per_s"] = tokens_per_step * (done - timed_from) / (time.perf_counter() - clock)
-            metrics.log(done, **record)
+            if done % config.log_every == 0 or done == config.steps:
+                train_loss = processes.mean(running_loss).item() / (done - loss_from)
+                record = {"train_loss": train_loss, "lr": lr}
+                if done > timed_from:
+                    record["tokens_per_s"] = tokens_per_step * (done - timed_from) / (time.perf_counter() - clock)
+                metrics.log(done, **record)
+                if progress is not None:
+                    progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record.get('tokens_per_s', 0):,.0f}",
+                                         refresh=False)
+                running_loss.zero_()
+                clock, loss_from, timed_from = time.perf_counter(), done, done
+            if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
+                val_loss = evaluate(model, run.data, config, processes, run.micro, run.autocast)
+                metrics.log(done, val_loss=val_loss, val_perplexity=perplexity(val_loss))
+                clock = time.perf_counter()  # evaluation is not training throughput
+            if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
+                _save(run, done, monitor, step_loss)
+                clock = time.perf_counter()
             if progress is not None:
-                progress.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{record.get('tokens_per_s', 0):,.0f}",
-                                     refresh=False)
-            running_loss.zero_()
-            clock, loss_from, timed_from = time.perf_counter(), done, done
-        if (config.eval_every and done % config.eval_every == 0) or done == config.steps:
-            val_loss = evaluate(model, run.data, config, processes, run.micro, run.autocast)
-            metrics.log(done, val_loss=val_loss, val_perplexity=perplexity(val_loss))
-            clock = time.perf_counter()  # evaluation is not training throughput
-        if (config.checkpoint_every and done % config.checkpoint_every == 0) or done == config.steps:
-            _save(run, done, monitor)
-            clock = time.perf_counter()
-        if progress is not None:
-            progress.update(1)
+                progress.update(1)
+    except checkpoint.NonFiniteError as error:  # diverged: the last good checkpoint stays, the run ends here
+        stopped, val_loss = error, math.nan
 
     if val_loss is None:  # resumed a finished run
         val_loss = evaluate(model, run.data, config, processes, run.micro, run.autocast)
     for closing in (progress, monitor, metrics):
         if closing is not None:
             closing.close()
-    return _summarize(run, val_loss, peak)
+    return _summarize(run, val_loss, peak, stopped)
 
 
-def _summarize(run: Run, val_loss: float, peak: dict[str, Any]) -> dict[str, Any]:
+def _summarize(run: Run, val_loss: float, peak: dict[str, Any],
+               stopped: checkpoint.NonFiniteError | None) -> dict[str, Any]:
     summary = {
         "optimizer": run.config.optimizer, "seed": run.config.seed, "steps": run.config.steps,
         "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
@@ -366,6 +384,8 @@ def _summarize(run: Run, val_loss: float, peak: dict[str, Any]) -> dict[str, Any
         summary.update(peak_step_memory_bytes=peak["bytes"], peak_step_memory_method=peak["method"])
     if run.processes.device.type == "cuda":
         summary["peak_memory_bytes"] = torch.cuda.max_memory_allocated(run.processes.device)
+    if stopped is not None:
+        summary.update(diverged=True, stopped_at_step=stopped.step, stopped=str(stopped))
     if run.processes.rank == 0:
-        (run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_summary(run.run_dir, summary)
     return summary

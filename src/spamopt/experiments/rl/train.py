@@ -11,12 +11,10 @@ reproducible but not bit-identical to an uninterrupted run.
 
 from __future__ import annotations
 
-import json
 import multiprocessing
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,6 +23,7 @@ from spamopt.extras import require
 from ..harness import checkpoint
 from ..harness.config import check_fields, option
 from ..harness.metrics import Metrics
+from ..harness.rundir import begin, overwrite_option, plan, resume_option, write_summary
 from ..harness.optimizers import ModelLayout, build_optimizer
 from .settings import optimizer_steps_per_update, ppo_settings, spam_schedule
 
@@ -52,7 +51,10 @@ class RLConfig:
     eval_episodes: int = option(5, "episodes per evaluation of the deterministic policy")
     seed: int = option(0, "seed of the policy, the environments and the minibatch order")
     run_dir: str = option("runs/rl/run", "where config, metrics, checkpoint and summary go")
-    resume: bool = option(False, "continue from run_dir/checkpoint.pt when it exists")
+    resume: bool = resume_option()
+    overwrite: bool = overwrite_option()
+
+    FREE_ON_RESUME: ClassVar[frozenset[str]] = frozenset({"timesteps"})  # what --resume may change: the length
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -149,10 +151,10 @@ def _progress_bar(total: int, initial: int) -> Any:
 def train(config: RLConfig) -> dict[str, Any]:
     """Train in evaluation-sized chunks, evaluate and checkpoint after each; returns and writes
     ``summary.json``."""
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2, default=str) + "\n")
+    start = plan(config)
     model, eval_env, built = build_ppo(config)
+    begin(start, config)
+    run_dir = start.run_dir
     policy, optimizer, train_env = model.policy, model.policy.optimizer, model.get_env()
     chunk = _chunk(config, model.n_steps)
     total = -(-config.timesteps // chunk) * chunk
@@ -162,7 +164,7 @@ def train(config: RLConfig) -> dict[str, Any]:
     # PPO counts an "update" per epoch over the rollout; each epoch is a fixed number of minibatch steps.
     minibatches = built["steps_per_update"] // model.n_epochs
     progress: dict[str, Any] = {"timesteps": 0, "updates": 0, "seconds": 0.0, "best": None, "last": None}
-    if config.resume and path.exists():
+    if start.resume:
         saved = checkpoint.load(path, model=policy, optimizer=optimizer, distributed=False)
         progress = saved["progress"]
         _load_normalizer(train_env, saved["normalizer"])
@@ -186,14 +188,19 @@ def train(config: RLConfig) -> dict[str, Any]:
     if progress["last"] is None:
         record(0.0)  # the initial policy
     bar = _progress_bar(total, progress["timesteps"])
+    stopped = None
     while progress["timesteps"] < total:
-        start = time.perf_counter()
+        began = time.perf_counter()
         model.learn(chunk, reset_num_timesteps=False)
-        progress["seconds"] += time.perf_counter() - start
+        progress["seconds"] += time.perf_counter() - began
         progress["timesteps"], progress["updates"] = model.num_timesteps, model._n_updates
         record(progress["seconds"])
-        checkpoint.save(path, model=policy, optimizer=optimizer, rank=0, distributed=False, progress=progress,
-                        normalizer=_normalizer_state(train_env))
+        try:
+            checkpoint.save(path, model=policy, optimizer=optimizer, rank=0, distributed=False,
+                            step=progress["timesteps"], progress=progress, normalizer=_normalizer_state(train_env))
+        except checkpoint.NonFiniteError as error:  # diverged: the last good checkpoint stays, the run ends here
+            stopped = error
+            break
         if bar is not None:
             bar.update(chunk)
             bar.set_postfix(test_reward=f"{progress['last']['test_reward']:.0f}")
@@ -206,5 +213,7 @@ def train(config: RLConfig) -> dict[str, Any]:
                "steps_per_update": built["steps_per_update"], "optimizer_options": built["options"],
                "ppo": {k: v for k, v in built["ppo"].items() if k != "policy_kwargs"},
                "parameters": sum(p.numel() for p in policy.parameters())}
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+    if stopped is not None:
+        summary.update(diverged=True, stopped_at_timestep=stopped.step, stopped=str(stopped))
+    write_summary(run_dir, summary)
     return summary

@@ -4,11 +4,10 @@ atomic checkpoint after every epoch."""
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -18,6 +17,7 @@ from ..harness import checkpoint
 from ..harness.config import check_fields, option
 from ..harness.metrics import Metrics
 from ..harness.optimizers import build_optimizer
+from ..harness.rundir import begin, overwrite_option, plan, resume_option, write_summary
 from .data import DEFAULT_ETT_DIR, Splits, inject_anomalies, load_series, split, window_count, windows
 from .model import PatchTSTShape, build_patchtst, patchtst_layout
 
@@ -43,7 +43,11 @@ class TSConfig:
                               "every epoch (the papers' curves)")
     seed: int = option(0, "seed of the weights, the batch order and the anomalies")
     run_dir: str = option("runs/ts/run", "where config, metrics, checkpoint and summary go")
-    resume: bool = option(False, "continue from run_dir/checkpoint.pt when it exists")
+    resume: bool = resume_option()
+    overwrite: bool = overwrite_option()
+
+    # What --resume may change: how long the run goes on, and where the ETT files are found.
+    FREE_ON_RESUME: ClassVar[frozenset[str]] = frozenset({"epochs", "patience", "data_dir"})
 
     def __post_init__(self) -> None:
         check_fields(self, {
@@ -101,9 +105,7 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
 
 def train(config: TSConfig) -> dict[str, Any]:
     """Train, evaluate every epoch, stop early (or not), checkpoint; returns and writes ``summary.json``."""
-    run_dir = Path(config.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
+    start = plan(config)
     series = load_series(config.data, config.data_dir)
     data = split(series, config.lookback, config.horizon)
 
@@ -112,14 +114,35 @@ def train(config: TSConfig) -> dict[str, Any]:
     model = build_patchtst(len(series.columns), config.lookback, config.horizon, shape)
     optimizer = build_optimizer(config.optimizer, model, patchtst_layout(shape), lr=config.lr,
                                 options=config.optimizer_args).optimizer
-    path = run_dir / checkpoint.CHECKPOINT
+    begin(start, config)
+    path = start.run_dir / checkpoint.CHECKPOINT
     state: dict[str, Any] = {"epoch": 0, "best": None, "stale": 0}
-    if config.resume and path.exists():
+    if start.resume:
         saved = checkpoint.load(path, model=model, optimizer=optimizer, distributed=False)
         state = saved["progress"]
         torch.set_rng_state(saved["rng"])
-    metrics = Metrics(run_dir, config=asdict(config), resumed_step=state["epoch"])
+    metrics = Metrics(start.run_dir, config=asdict(config), resumed_step=state["epoch"])
+    try:
+        _epochs(config, model, optimizer, data, state, metrics, path)
+        stopped = None
+    except checkpoint.NonFiniteError as error:  # diverged: the last good checkpoint stays, the run ends here
+        stopped = error
+    metrics.close()
+    summary = {"optimizer": config.optimizer, "seed": config.seed, "severity": config.severity,
+               "data": series.name, "channels": len(series.columns), "columns": series.columns,
+               "epochs_run": state["epoch"], "best": state["best"], "last": state["last"],
+               "parameters": sum(p.numel() for p in model.parameters())}
+    if stopped is not None or not all(math.isfinite(v) for v in summary["best"].values()):
+        summary["diverged"] = True
+    if stopped is not None:
+        summary.update(stopped_at_epoch=stopped.step, stopped=str(stopped))
+    write_summary(start.run_dir, summary)
+    return summary
 
+
+def _epochs(config: TSConfig, model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: Splits,
+            state: dict[str, Any], metrics: Metrics, path: Path) -> None:
+    """Train from epoch ``state["epoch"]`` on, updating ``state`` and checkpointing after every epoch."""
     for epoch in range(state["epoch"], config.epochs):
         if config.patience and state["stale"] >= config.patience:
             break
@@ -137,14 +160,5 @@ def train(config: TSConfig) -> dict[str, Any]:
             state["stale"] += 1
         state["epoch"] = epoch + 1
         state["last"] = {"epoch": epoch + 1, "val_mse": val_mse, "test_mse": test_mse, "test_mae": test_mae}
-        checkpoint.save(path, model=model, optimizer=optimizer, rank=0, distributed=False, progress=state,
-                        rng=torch.get_rng_state())
-    metrics.close()
-    summary = {"optimizer": config.optimizer, "seed": config.seed, "severity": config.severity,
-               "data": series.name, "channels": len(series.columns), "epochs_run": state["epoch"],
-               "best": state["best"], "last": state["last"],
-               "parameters": sum(p.numel() for p in model.parameters())}
-    if not all(math.isfinite(v) for v in summary["best"].values()):
-        summary["diverged"] = True
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    return summary
+        checkpoint.save(path, model=model, optimizer=optimizer, rank=0, distributed=False, step=epoch + 1,
+                        loss=train_loss, progress=state, rng=torch.get_rng_state())
