@@ -81,8 +81,8 @@ def refuse_conflicts(configs: list[Any]) -> None:
         except RunRefused as refusal:
             refusals.append(str(refusal))
     if refusals:
-        raise RunRefused(f"{len(refusals)} of {len(configs)} runs cannot be reused or continued: "
-                         + " | ".join(refusals))
+        raise RunRefused(f"{len(refusals)} run{'s' if len(refusals) > 1 else ''} cannot be reused or continued "
+                         "under these settings: " + " | ".join(refusals))
 
 
 def _single_thread(job: tuple[Callable[[Any], Any], Any]) -> str:
