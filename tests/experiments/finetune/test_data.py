@@ -79,3 +79,10 @@ def test_generated_task_is_balanced_and_its_answers_are_right():
         assert item.output == f"the correct answer is {item.answer}"
     answers = [item.answer for item in items]
     assert 80 <= answers.count("option1") <= 120 and 80 <= answers.count("true") <= 120
+
+
+def test_a_binary_file_is_refused_naming_it(tmp_path):
+    path = tmp_path / "items.jsonl"
+    path.write_bytes(b"\x80\x81\xfe\xff" * 16)
+    with pytest.raises(ValueError, match=r"items.jsonl is not a UTF-8 JSON-lines file"):
+        read_jsonl(path)

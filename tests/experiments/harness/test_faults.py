@@ -130,7 +130,8 @@ def test_non_finite_state_is_never_checkpointed(tmp_path, where):
     if where == "parameter":
         with torch.no_grad():
             model.bias[3] = float("inf")
-    with pytest.raises(checkpoint.NonFiniteError, match=f"step 6: {'parameter .bias. is' if where == 'parameter' else 'the loss is'} not finite"):
+    what = "parameter .bias. is" if where == "parameter" else "the loss is"
+    with pytest.raises(checkpoint.NonFiniteError, match=f"step 6: {what} not finite"):
         _save(path, model, optimizer, step=6, loss=loss)
     assert path.read_bytes() == before and not (tmp_path / checkpoint.PREVIOUS).exists()
 

@@ -1,7 +1,7 @@
 """The optimizers × seeds runner: every (name, seed) runs once in its own folder; a run finished under the same
 config is reused; one made with another config is refused before anything runs, naming the run and the field,
-and runs again only with ``overwrite``; a run whose summary is unreadable counts as unfinished; parallel workers run each pending run once, in processes
-of one thread; lists and labels are parsed with clear errors."""
+and runs again only with ``overwrite``; a run whose summary is unreadable counts as unfinished; parallel
+workers run each pending run once, in processes of one thread; lists and labels are parsed with clear errors."""
 
 from __future__ import annotations
 
@@ -48,8 +48,8 @@ def test_each_run_once_then_reused_until_its_config_changes(tmp_path):
     run_grid(tmp_path, ["a", "b"], [0, 1], make, _execute(calls))
     assert calls == []
     changed = lambda name, seed, directory: Job(name, seed, str(directory), size=2)  # noqa: E731
-    with pytest.raises(RunRefused, match=r"2 runs cannot .*a/seed0 holds a run made with other settings \(size: 1 -> 2\)"
-                                         r".*a/seed1"):
+    with pytest.raises(RunRefused, match=r"2 runs cannot .*a/seed0 holds a run made with other settings "
+                                         r"\(size: 1 -> 2\).*a/seed1"):
         run_grid(tmp_path, ["a"], [0, 1], changed, _execute(calls))
     assert calls == []
     overwrite = lambda name, seed, directory: Job(name, seed, str(directory), size=2, overwrite=True)  # noqa: E731

@@ -107,8 +107,8 @@ def test_token_limits_and_interrupted_writes(corpus_dir, token_cache):
 
 
 def test_c4_streams_through_datasets_from_local_shards(tmp_path, token_cache, monkeypatch):
-    """The paper's C4 path (``datasets`` streaming) read from a local fixture in C4's naming and format;
-    the remote corpus demands a token budget before anything is fetched."""
+    """The paper's C4 path read from local shards in C4's naming and format (the remote corpus streams
+    through ``datasets``, and demands a token budget before anything is fetched)."""
     pytest.importorskip("datasets")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
@@ -161,3 +161,20 @@ def test_an_endless_stream_is_read_only_up_to_the_token_budget(tmp_path, monkeyp
     lm_data._write_tokens(endless("train"), tokenizer, tmp_path / "train.bin", max_tokens=10_000)
     assert (tmp_path / "train.bin").stat().st_size == 2 * 10_000
     assert len(consumed) < 2_000
+
+
+@pytest.mark.parametrize("name,content,message", [
+    ("train-00000-of-00001.jsonl", b"\x00\x9f\x92\x96 binary", r"line 1: not a JSON record"),
+    ("train-00000-of-00001.jsonl", b'{"text": "a"}\n{"txt": "b"}\n', r"line 2: no \"text\" string field"),
+    ("train-00000-of-00001.jsonl.gz", b"not gzip at all", r"could not be read as gzip-compressed UTF-8 text"),
+    ("train-00000-of-00001.jsonl.gz", gzip.compress(b"\xff\xfe\x00 not utf-8"), r"could not be read as gzip"),
+    ("train-00000-of-00001.jsonl.xz", b"not xz", r"could not be read as xz-compressed UTF-8 text"),
+])
+def test_damaged_shards_are_named_with_the_line(tmp_path, name, content, message):
+    """A binary, malformed or corrupt-compressed shard raises ValueError naming the file (and the line),
+    instead of a bare JSONDecodeError, KeyError or BadGzipFile; also on the ``c4:`` path."""
+    (tmp_path / name).write_bytes(content)
+    (tmp_path / "validation-00000-of-00001.jsonl").write_text(_jsonl(["v"]))
+    for source in (str(tmp_path), f"c4:{tmp_path}"):
+        with pytest.raises(ValueError, match=rf"{name}.*{message}"):
+            list(open_corpus(source).documents("train"))

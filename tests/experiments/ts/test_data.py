@@ -30,7 +30,7 @@ def test_ratio_splits_overlap_by_the_lookback_and_are_standardised_by_the_traini
     """7:1:2 in time; validation and test start ``lookback`` rows early; every column has mean 0 and std 1
     over the training split, and the same affine map is applied to the other splits."""
     series = read_csv(write_series(tmp_path / "s.csv", 1000))
-    assert series.columns == ["c0", "c1", "c2"]  # the text column is dropped
+    assert series.columns == ["c0", "c1", "c2"] and series.ignored == ["label"]  # the text column, listed
     data = split(series, lookback=48, horizon=12)
     assert [len(data.train), len(data.validation), len(data.test)] == [700, 100 + 48, 200 + 48]
     np.testing.assert_allclose(data.train.mean(axis=0), 0, atol=1e-5)
@@ -92,13 +92,38 @@ def test_anomalies_hit_the_fraction_with_the_specified_noise_and_depend_only_on_
 
 
 @pytest.mark.parametrize("make,match", [
-    (lambda d: d / "missing.csv", "no such file"),
+    (lambda d: d / "missing.csv", "Invalid data value: .*no such file"),
+    (lambda d: (d / "dates.csv").write_text("date\n2020-01-01\n2020-01-02\n") and d / "dates.csv",
+     "Invalid data value: .*no numeric columns"),
     (lambda d: (d / "text.csv").write_text("date,name\n2020-01-01,a\n2020-01-02,b\n") and d / "text.csv",
-     "no numeric columns"),
+     "Invalid data value: .*no numeric columns"),
+    (lambda d: (d / "cell.csv").write_text("date,x,y\n2020-01-01,1,2\n2020-01-02,3,oops\n2020-01-03,5,6\n")
+     and d / "cell.csv", r"cell.csv, row 3, column 'y': 'oops' is not a number"),
+    (lambda d: (d / "ragged.csv").write_text("date,x,y\n2020-01-01,1,2\n2020-01-02,3\n") and d / "ragged.csv",
+     r"ragged.csv, row 3: 2 cells where the header has 3"),
+    (lambda d: (d / "binary.csv").write_bytes(b"\x80\x81\xfe\xff" * 64) and d / "binary.csv",
+     "Invalid data value: .*binary.csv' is not a UTF-8 CSV file"),
 ])
 def test_bad_files_are_refused_clearly(tmp_path, make, match):
-    with pytest.raises((ValueError, FileNotFoundError), match=f"Invalid data value: .*{match}"):
+    """A missing file, a file of dates only, a text cell in a numeric column (it used to drop that whole column
+    silently), a short row and a binary file are each refused, naming the file (and row and column)."""
+    with pytest.raises((ValueError, FileNotFoundError), match=match):
         read_csv(make(tmp_path))
+
+
+def test_every_numeric_column_is_used_and_the_date_column_is_detected(tmp_path):
+    """Without a date column the first numeric column is kept (it used to be dropped as the date); with one
+    it is skipped; ``date_column`` names it explicitly, or says there is none."""
+    path = tmp_path / "plain.csv"
+    path.write_text("a,b\n1,2\n3,4\n")
+    assert read_csv(path).columns == ["a", "b"]
+    path.write_text("when,a,b\n2020-01-01 00:00,1,2\n2020-01-01 01:00,3,4\n")
+    series = read_csv(path)
+    assert series.columns == ["a", "b"] and series.values.tolist() == [[1, 2], [3, 4]]
+    path.write_text("a,t,b\n1,x,2\n3,y,4\n")
+    assert read_csv(path, date_column="t").columns == ["a", "b"]
+    with pytest.raises(ValueError, match="Invalid date_column value: 'day'"):
+        read_csv(path, date_column="day")
 
 
 def test_a_horizon_longer_than_the_series_allows_is_refused(tmp_path):

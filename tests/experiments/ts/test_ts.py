@@ -61,6 +61,7 @@ def test_one_grid_per_optimizer_writes_the_report_and_reuses_runs(tiny, tmp_path
             assert row["best_test_mse"] == mse and np.isfinite(mse).all()
             assert row["best_test_mse_mean_std"][0] == pytest.approx(np.mean(mse))
             assert f"| {severity} | {name} | {row['best_test_mse_mean_std'][0]:.4f} ± " in report
+    assert "Columns forecast (3): c0, c1, c2; text columns ignored: label." in report
     assert (out / "curves.png").stat().st_size > 10_000
     stamp = (out / "S5" / "spam" / "seed0" / "summary.json").stat().st_mtime_ns
     compare(config, tiny)

@@ -34,25 +34,28 @@ def read_jsonl(path: str | Path) -> list[Example]:
     """The examples of ``path``; a malformed line raises ``ValueError`` naming the file and line."""
     path = Path(path)
     examples = []
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise ValueError(f"{path}:{number}: not a JSON object")
-            for field in FIELDS:
-                if not isinstance(record.get(field), str):
-                    problem = "missing" if field not in record else "not a string"
-                    raise ValueError(f"{path}:{number}: field {field!r} {problem} (each line needs "
-                                     f"{', '.join(FIELDS)})")
-            choices = record.get("choices", [])
-            if not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
-                raise ValueError(f"{path}:{number}: field 'choices' must be a list of strings")
-            examples.append(Example(*(record[field] for field in FIELDS), choices=tuple(choices)))
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{path} is not a UTF-8 JSON-lines file ({error})") from None
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{path}:{number}: not a JSON object ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path}:{number}: not a JSON object")
+        for field in FIELDS:
+            if not isinstance(record.get(field), str):
+                problem = "missing" if field not in record else "not a string"
+                raise ValueError(f"{path}:{number}: field {field!r} {problem} (each line needs "
+                                 f"{', '.join(FIELDS)})")
+        choices = record.get("choices", [])
+        if not (isinstance(choices, list) and all(isinstance(c, str) for c in choices)):
+            raise ValueError(f"{path}:{number}: field 'choices' must be a list of strings")
+        examples.append(Example(*(record[field] for field in FIELDS), choices=tuple(choices)))
     if not examples:
         raise ValueError(f"{path}: no examples (the file is empty)")
     return examples

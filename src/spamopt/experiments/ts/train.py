@@ -30,6 +30,8 @@ class TSConfig:
 
     data: str = option("ETTh1", "ETTh1, ETTh2 (from --data-dir), nyc-weather, or a CSV path")
     data_dir: str = option(DEFAULT_ETT_DIR, "the folder holding ETTh1.csv and ETTh2.csv")
+    date_column: str | None = option(None, "a CSV's date column ('': none); default: the first column when its "
+                                           "first value is not a number")
     lookback: int = option(336, "input length (PatchTST: 336)")
     horizon: int = option(96, "forecast length (96, 192, 336 or 720 in the papers)")
     anomaly_fraction: float = option(0.1, "fraction of training input values made anomalous")
@@ -106,7 +108,7 @@ def _train_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data:
 def train(config: TSConfig) -> dict[str, Any]:
     """Train, evaluate every epoch, stop early (or not), checkpoint; returns and writes ``summary.json``."""
     start = plan(config)
-    series = load_series(config.data, config.data_dir)
+    series = load_series(config.data, config.data_dir, config.date_column)
     data = split(series, config.lookback, config.horizon)
 
     torch.manual_seed(config.seed)
@@ -130,6 +132,7 @@ def train(config: TSConfig) -> dict[str, Any]:
     metrics.close()
     summary = {"optimizer": config.optimizer, "seed": config.seed, "severity": config.severity,
                "data": series.name, "channels": len(series.columns), "columns": series.columns,
+               "ignored_columns": series.ignored,
                "epochs_run": state["epoch"], "best": state["best"], "last": state["last"],
                "parameters": sum(p.numel() for p in model.parameters())}
     if stopped is not None or not all(math.isfinite(v) for v in summary["best"].values()):
