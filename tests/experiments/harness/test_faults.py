@@ -229,3 +229,12 @@ def test_cli_errors_are_one_line_with_exit_codes_and_debug_shows_the_traceback(t
     assert "spikes.jsonl holds no monitor records" in empty.stderr
     traced = _cli("--debug", "spikes", "report", str(tmp_path), cwd=tmp_path)
     assert traced.returncode == 1 and "Traceback" in traced.stderr
+
+
+@pytest.mark.parametrize("command", [["ts", "--data", "missing.csv"], ["finetune", "--base", "missing"],
+                                     ["rl", "--envs", "NoSuchTask-v0", "--timesteps", "10"]])
+def test_refused_family_commands_leave_no_run_folder(tmp_path, command):
+    """``ts``, ``finetune`` and ``rl`` used to leave a run folder holding only config.json when refused."""
+    result = _cli(*command, "--out-dir", "out", cwd=tmp_path)
+    assert result.returncode in (1, 2) and result.stderr.strip().splitlines()[-1].startswith("spamopt: error: ")
+    assert [path for path in (tmp_path / "out").rglob("*") if path.is_file()] == []
