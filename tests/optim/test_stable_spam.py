@@ -145,7 +145,7 @@ def _train(model, opt, steps, seed=0, scaler=None, nonfinite_at=None):
 def test_state_reloads_weights_only_and_resumes_bit_exactly_across_a_reset():
     """Saved after step 6 (reset every 4: the resumed part crosses the reset at 8), reloaded with
     ``torch.load(weights_only=True)`` into a fresh optimizer: the rest of the run is bit-identical, and every
-    state entry keeps its dtype (the int64 clock, fp32 statistics of bf16 parameters)."""
+    state entry keeps its dtype (the int64 clock, float64 statistics, fp32 moments of bf16 parameters)."""
     for dtype in (torch.float32, torch.bfloat16):
         model, twin = _model(dtype=dtype), _model(dtype=dtype)
         opt = StableSPAM(model.parameters(), reset_interval=4, lr=1e-2)
@@ -163,7 +163,7 @@ def test_state_reloads_weights_only_and_resumes_bit_exactly_across_a_reset():
             for key, value in opt.state[a].items():
                 assert torch.equal(twin_opt.state[b][key], value) and twin_opt.state[b][key].dtype == value.dtype
         state = opt.state[next(model.parameters())]
-        assert state["global_step"].dtype == torch.int64 and state["max_ema"].dtype == torch.float32
+        assert state["global_step"].dtype == torch.int64 and state["max_ema"].dtype == torch.float64
         assert state["exp_avg"].dtype == torch.float32
 
 
@@ -316,3 +316,51 @@ def _saved(state):
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("big", [1e20, 1e30, "max"])
+def test_one_huge_finite_coordinate_leaves_finite_weights_and_statistics(implementation, dtype, big):
+    """A finite gradient coordinate of 1e20, 1e30 or the dtype's largest value used to overflow AdaGN's
+    squared norm (NaN weights and inf statistics for good). Now every implementation keeps the weights and
+    statistics finite, the update stays the size of the learning rate, and later ordinary steps train on."""
+    big = torch.finfo(dtype).max if big == "max" else big
+    p = torch.nn.Parameter(torch.zeros(4, dtype=dtype))
+    opt = StableSPAM([p], lr=1e-3, **implementation)
+    p.grad = torch.tensor([big, 1.0, 1.0, 1.0]).to(dtype)
+    assert torch.isfinite(p.grad).all()
+    opt.step()
+    for _ in range(5):
+        p.grad = torch.ones(4, dtype=dtype)
+        opt.step()
+    assert torch.isfinite(p).all() and p.abs().max() < 0.05, p
+    assert all(torch.isfinite(opt.state[p][key]) for key in ("max_ema", "norm_ema", "norm_sq_ema"))
+    assert (p[1:] < 0).all()  # the ordinary coordinates still move against their gradient
+
+
+@pytest.mark.parametrize("big", [1e20, 1e30, torch.finfo(torch.float32).max])
+def test_adaclipgn_survives_a_huge_finite_coordinate(big):
+    """The same for AdaClip + AdaGN in front of torch's AdamW."""
+    p = torch.nn.Parameter(torch.zeros(4))
+    opt = AdaClipGN(torch.optim.AdamW([p], lr=1e-3))
+    for grad in ([big, 1.0, 1.0, 1.0], [1.0] * 4, [1.0] * 4):
+        p.grad = torch.tensor(grad)
+        opt.step()
+    assert torch.isfinite(p).all() and p.abs().max() < 0.01
+    assert all(torch.isfinite(opt.state[p]["adaclipgn." + key]) for key in ("max_ema", "norm_ema", "norm_sq_ema"))
+
+
+def test_the_overflow_proof_norm_equals_torchs_wherever_that_one_is_finite():
+    """``safe_norm`` scales by a power of two, so it changes no result that neither overflowed nor underflowed:
+    bit-identical to ``torch.linalg.vector_norm`` on ordinary and mixed-magnitude tensors; right (to float64's
+    norm) where torch's squares underflow to 0 or overflow to inf."""
+    from spamopt.optim.stabilize import safe_norm
+
+    torch.manual_seed(0)
+    for g in (torch.randn(1000), torch.randn(1000) * 1e-15, torch.randn(300) * torch.logspace(-20, 15, 300),
+              torch.zeros(5), torch.randn(7).bfloat16().float()):
+        assert safe_norm(g).item() == torch.linalg.vector_norm(g).double().item()
+    for g in (torch.randn(1000) * 1e-30, torch.full((9,), torch.finfo(torch.float32).max)):
+        assert not 0 < torch.linalg.vector_norm(g).item() < float("inf")
+        assert safe_norm(g).item() == pytest.approx(torch.linalg.vector_norm(g.double()).item(), rel=1e-6)

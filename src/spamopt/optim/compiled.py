@@ -20,6 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .stabilize import norm_scale
+
 __all__ = ["compiled_available", "spam_kernel", "stable_spam_kernel", "parallel", "flat_view", "write_back",
            "limits"]
 
@@ -115,15 +117,16 @@ def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     c1, c2, c3, bias1, sqrt_bias2 = corrections.unbind(0)
     g = torch.where((grad.abs() < float("inf")) & (keep > 0), grad, 0.0).to(dtype) * factor.to(dtype)
     full = param.to(dtype) * decay.to(dtype)
+    mu = g.abs().amax()  # an upper bound of max|g| after clipping too: the norm's overflow-proof scale
     if adaclip != "off":
-        mu = g.abs().amax()
         m_max = _ema(max_ema, mu, gamma3, keep)
         bound = (m_max / c3.to(m_max.dtype)).to(dtype)
         clipped = g * (bound / mu) if adaclip == "scale" else torch.sign(g) * bound
         g = torch.where(g.abs() > bound, clipped, g)
         max_ema.copy_(m_max)
     if adagn:
-        r = torch.linalg.vector_norm(g).to(norm_ema.dtype)
+        scale = norm_scale(mu)
+        r = (torch.linalg.vector_norm(g * scale).double() / scale.double()).to(norm_ema.dtype)
         a = _ema(norm_ema, r, gamma1, keep)
         b = _ema(norm_sq_ema, r * r, gamma2, keep)
         target = a / c1.to(a.dtype) / ((b / c2.to(b.dtype)).sqrt() + eps.to(b.dtype))

@@ -11,8 +11,10 @@ a private copy of its gradient::
     AdaGN    r = ‖g‖₂;  a ← γ1·a + (1 − γ1)·r;  b ← γ2·b + (1 − γ2)·r²
              â = a / (1 − γ1^n);  b̂ = b / (1 − γ2^n);  if r > 0:  g ← g / r · â / (sqrt(b̂) + ε)
 
-All statistics are 0-dim tensors on the parameter's device (no host synchronisation). ``keep`` (0 for a
-skipped step) multiplies every change away, so a skipped step leaves the statistics as they were.
+All statistics are 0-dim float64 tensors on the parameter's device (no host synchronisation): any finite
+gradient's ``r²`` fits in float64, and ``r`` itself is computed without overflow (:func:`safe_norm`), so one
+huge but finite coordinate cannot turn the statistics, and with them the weights, into inf or NaN. ``keep`` (0
+for a skipped step) multiplies every change away, so a skipped step leaves the statistics as they were.
 """
 
 from __future__ import annotations
@@ -24,18 +26,37 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import all_finite, check_number, moment_dtype
+from .base import all_finite, check_number
 
-__all__ = ["AdaClipGN", "ADACLIP_MODES", "adaclip_", "adagn_", "new_statistics"]
+__all__ = ["AdaClipGN", "ADACLIP_MODES", "adaclip_", "adagn_", "new_statistics", "safe_norm", "norm_scale"]
 
 ADACLIP_MODES = ("scale", "clamp", "off")  # "off": StableSPAM's ablations only
 STATISTICS = ("stat_step", "max_ema", "norm_ema", "norm_sq_ema")  # n, M, a, b
 
 
 def new_statistics(param: Tensor, dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-    """Zeroed ``n, M, a, b`` for ``param`` (fp32 for half-precision parameters unless ``dtype`` is given)."""
-    dtype = dtype or moment_dtype(param.real.dtype if param.is_complex() else param.dtype)
+    """Zeroed ``n, M, a, b`` for ``param``: float64 unless ``dtype`` is given (or the device has no float64)."""
+    if dtype is None:
+        dtype = torch.float32 if param.device.type == "mps" else torch.float64
     return {key: torch.zeros((), dtype=dtype, device=param.device) for key in STATISTICS}
+
+
+def norm_scale(peak: Tensor) -> Tensor:
+    """A power of two ``s`` with ``peak·s`` in [0.5, 1) (1 for a zero or non-finite ``peak``): scaling by it is
+    exact, and squares of values up to ``peak·s`` cannot overflow."""
+    mantissa, exponent = torch.frexp(peak)
+    usable = (mantissa != 0) & torch.isfinite(peak)
+    return torch.where(usable, torch.ldexp(torch.ones_like(peak), -exponent), torch.ones_like(peak))
+
+
+def safe_norm(g: Tensor, peak: Tensor | None = None) -> Tensor:
+    """``‖g‖₂`` as a float64 0-dim tensor, for any finite ``g`` (``peak``: an upper bound of ``max|g|`` if
+    known). The squares are summed after an exact power-of-two scaling (:func:`norm_scale`), so the result
+    equals ``torch.linalg.vector_norm(g)`` bit for bit wherever that one does not overflow."""
+    if g.numel() == 0:
+        return torch.zeros((), dtype=torch.float64, device=g.device)
+    scale = norm_scale(g.abs().amax() if peak is None else peak.to(g.dtype))
+    return torch.linalg.vector_norm(g * scale).double() / scale.double()
 
 
 def _ema_(average: Tensor, value: Tensor | float, gamma: float | Tensor, keep: float | Tensor) -> None:
@@ -54,8 +75,9 @@ def _debiased(average: Tensor, gamma: float | Tensor, count: Tensor) -> Tensor:
     return average / debias_correction(gamma, count).to(average.dtype)
 
 
-def adaclip_(g: Tensor, max_ema: Tensor, count: Tensor, gamma3: float, keep: float | Tensor, mode: str) -> None:
-    """Clip ``g`` in place against the running maximum of ``max|g|`` (``count``: steps seen, this one included)."""
+def adaclip_(g: Tensor, max_ema: Tensor, count: Tensor, gamma3: float, keep: float | Tensor, mode: str) -> Tensor:
+    """Clip ``g`` in place against the running maximum of ``max|g|`` (``count``: steps seen, this one included);
+    returns ``max|g|`` before clipping (an upper bound of it after)."""
     mu = g.abs().amax() if g.numel() else g.new_zeros(())
     _ema_(max_ema, mu, gamma3, keep)
     bound = _debiased(max_ema, gamma3, count).to(g.dtype)
@@ -67,12 +89,14 @@ def adaclip_(g: Tensor, max_ema: Tensor, count: Tensor, gamma3: float, keep: flo
     else:
         raise ValueError(f"Invalid adaclip value: {mode!r} ('scale' or 'clamp')")
     torch.where(spiked, clipped, g, out=g)
+    return mu
 
 
 def adagn_(g: Tensor, norm_ema: Tensor, norm_sq_ema: Tensor, count: Tensor, gamma1: float | Tensor, gamma2: float,
-           eps: float, keep: float | Tensor) -> None:
-    """Rescale ``g`` in place so that its norm follows the running mean norm, normalised by the running RMS."""
-    r = torch.linalg.vector_norm(g).to(norm_ema.dtype)
+           eps: float, keep: float | Tensor, peak: Tensor | None = None) -> None:
+    """Rescale ``g`` in place so that its norm follows the running mean norm, normalised by the running RMS
+    (``peak``: an upper bound of ``max|g|`` if known, saving a pass)."""
+    r = safe_norm(g, peak).to(norm_ema.dtype)
     _ema_(norm_ema, r, gamma1, keep)
     _ema_(norm_sq_ema, r * r, gamma2, keep)
     target = _debiased(norm_ema, gamma1, count) / (_debiased(norm_sq_ema, gamma2, count).sqrt() + eps)
@@ -152,10 +176,11 @@ class AdaClipGN(Optimizer):
                 g = torch.where(keep, p.grad, 0).to(dtype)
             keep_value: float | Tensor = 1.0 if keep is None else keep.to(dtype)
             stats["stat_step"].add_(keep_value)
+            peak = None
             if s["adaclip"] != "off":
-                adaclip_(g, stats["max_ema"], stats["stat_step"], s["gamma3"], keep_value, s["adaclip"])
+                peak = adaclip_(g, stats["max_ema"], stats["stat_step"], s["gamma3"], keep_value, s["adaclip"])
             adagn_(g, stats["norm_ema"], stats["norm_sq_ema"], stats["stat_step"], s["gamma1"], s["gamma2"],
-                   s["eps"], keep_value)
+                   s["eps"], keep_value, peak)
             originals.append((p, p.grad))
             p.grad = g.to(p.grad.dtype)
         try:

@@ -58,10 +58,11 @@ class StableStep:
 
 def _stabilize(g: Tensor, stats: dict[str, Tensor], counter: Tensor, h: StableStep, keep: float | Tensor) -> None:
     counter.add_(keep)
+    peak = None
     if h.adaclip != "off":
-        adaclip_(g, stats["max_ema"], counter, h.gamma3, keep, h.adaclip)
+        peak = adaclip_(g, stats["max_ema"], counter, h.gamma3, keep, h.adaclip)
     if h.adagn:
-        adagn_(g, stats["norm_ema"], stats["norm_sq_ema"], counter, h.gamma1, h.gamma2, h.eps, keep)
+        adagn_(g, stats["norm_ema"], stats["norm_sq_ema"], counter, h.gamma1, h.gamma2, h.eps, keep, peak)
 
 
 def _bias_corrections(k: Tensor, h: StableStep) -> tuple[Tensor, Tensor]:
