@@ -30,6 +30,8 @@ __all__ = [
     "is_distributed_tensor",
     "local",
     "moment_dtype",
+    "scalar_dtype",
+    "scalar_lr",
     "validate_common",
 ]
 
@@ -60,6 +62,18 @@ def check_flag(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} (must be True or False)")
 
 
+def scalar_dtype() -> torch.dtype:
+    """The dtype of the ``step`` count: float64 when that is torch's default dtype, else float32 (as torch's own
+    optimizers do)."""
+    return torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+
+
+def scalar_lr(lr: float | Tensor) -> float | Tensor:
+    """A tensor learning rate of any 1-element shape (``[1, 1]`` too) as a 0-dim view, which broadcasts into
+    every parameter, 0-dim ones included; a view, so a captured CUDA graph still reads its current value."""
+    return lr.view(()) if isinstance(lr, Tensor) else lr
+
+
 def validate_common(group: dict[str, Any]) -> None:
     """The arguments every optimizer here shares: lr, betas, eps, weight_decay, maximize, skip_nonfinite and the
     implementation flags foreach / fused / capturable."""
@@ -70,8 +84,8 @@ def validate_common(group: dict[str, Any]) -> None:
         lr_value = lr.item()
     else:
         lr_value = lr
-    if not (isinstance(lr_value, Real) and not isinstance(lr_value, bool) and lr_value >= 0):
-        raise ValueError(f"Invalid learning rate: {lr_value!r} (must be >= 0)")
+    if not (isinstance(lr_value, Real) and not isinstance(lr_value, bool) and 0 <= lr_value < math.inf):
+        raise ValueError(f"Invalid learning rate: {lr_value!r} (must be a finite number >= 0)")
     betas = group["betas"]
     if not (isinstance(betas, (tuple, list)) and len(betas) == 2):
         raise ValueError(f"Invalid betas value: {betas!r} (must be a pair (beta1, beta2))")
@@ -219,6 +233,19 @@ class SpikeAwareOptimizer(Optimizer):
         if self.param_groups and group["capturable"] != self.param_groups[0]["capturable"]:
             raise ValueError("Invalid capturable value: every parameter group must use the same (one clock)")
         super().add_param_group(param_group)
+        try:
+            self._validate_params(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _validate_params(self, group: dict[str, Any]) -> None:
+        """Refuse parameters this optimizer cannot step (integer dtypes); subclasses add their own rules."""
+        for param in group["params"]:
+            if not (param.is_floating_point() or param.is_complex()):
+                raise ValueError(f"Invalid parameter dtype: {param.dtype} (a parameter of shape "
+                                 f"{tuple(param.shape)}; {type(self).__name__} steps floating-point or complex "
+                                 "parameters only)")
 
     # ------------------------------------------------------------------------------------- state
 

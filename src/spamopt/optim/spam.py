@@ -15,7 +15,7 @@ from torch import Tensor
 
 from . import schedule, sparse
 from .base import (GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, check_number, is_distributed_tensor,
-                   local, moment_dtype, validate_common)
+                   local, moment_dtype, scalar_dtype, scalar_lr, validate_common)
 from .functional import SpamStep, spam
 
 __all__ = ["SPAM"]
@@ -130,6 +130,19 @@ class SPAM(SpikeAwareOptimizer):
     _integer_state = {"global_step": torch.int64, "mask_seed": torch.int64}
     _validate = staticmethod(_validate_group)
 
+    def _validate_params(self, group: dict[str, Any]) -> None:
+        """Also refuse a density that keeps no coordinate of one of the group's matrices (it would never move)."""
+        super()._validate_params(group)
+        if group["density"] >= 1.0:
+            return
+        for param in group["params"]:
+            numel = _real_numel(param)
+            stratum = min(numel, sparse.STRATUM)  # coordinates are drawn per stratum of this many
+            if param.dim() == 2 and round(group["density"] * stratum) == 0:
+                raise ValueError(f"Invalid density value: {group['density']!r} (keeps no coordinate of a "
+                                 f"{'x'.join(map(str, param.shape))} matrix, or of its {sparse.STRATUM}-element "
+                                 f"strata, which would never move: use more than {0.5 / stratum:.3g})")
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -180,7 +193,7 @@ class SPAM(SpikeAwareOptimizer):
             raise NotImplementedError("SPAM's sparse momentum (density < 1) does not support "
                                       "sharded DTensor parameters (FSDP2); use density=1.0")
         state = self.state[param]
-        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        state["step"] = torch.zeros((), dtype=scalar_dtype(), device=param.device)
         state.update(self._new_clock(param, group, completed))
         if sparse_matrix:
             numel, dtype = _real_numel(param), param.real.dtype
@@ -250,7 +263,7 @@ class SPAM(SpikeAwareOptimizer):
                                                 group["clip_delay"])
             threshold = group["threshold"] if clipping else 0.0
         beta1, beta2 = group["betas"]
-        settings = SpamStep(lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+        settings = SpamStep(lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"],
                             weight_decay=group["weight_decay"], threshold=threshold, reset=reset,
                             warmup_multiplier=multiplier, bias_correction_reset=group["bias_correction_reset"],
                             maximize=group["maximize"], density=group["density"],

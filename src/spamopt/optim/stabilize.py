@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import all_finite, check_number
+from .base import all_finite, check_flag, check_number
 
 __all__ = ["AdaClipGN", "ADACLIP_MODES", "adaclip_", "adagn_", "new_statistics", "safe_norm", "norm_scale"]
 
@@ -138,6 +138,7 @@ class AdaClipGN(Optimizer):
     def __init__(self, optimizer: Optimizer, *, gamma1: float = 0.7, gamma2: float = 0.9, gamma3: float = 0.999,
                  eps: float = 1e-8, adaclip: str = "scale", skip_nonfinite: bool = True) -> None:
         validate_stabilizer(gamma1, gamma2, gamma3, eps, adaclip)
+        check_flag("skip_nonfinite", skip_nonfinite)
         if gamma1 == -1:
             gamma1 = optimizer.defaults["betas"][0]
         self.optimizer = optimizer

@@ -11,7 +11,8 @@ import torch
 from torch import Tensor
 
 from . import schedule
-from .base import GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, local, moment_dtype, validate_common
+from .base import (GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, local, moment_dtype, scalar_dtype,
+                   scalar_lr, validate_common)
 from .stabilize import new_statistics, validate_stabilizer
 from .stable_functional import COMPAT_NOT_COMPILED, StableStep, momentum_multiplier, stable_spam
 
@@ -146,7 +147,7 @@ class StableSPAM(SpikeAwareOptimizer):
     def _init_state(self, param: Tensor, group: dict[str, Any], completed: int | Tensor, ordinal: int) -> None:
         state = self.state[param]
         real_dtype = param.real.dtype if param.is_complex() else param.dtype
-        state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
+        state["step"] = torch.zeros((), dtype=scalar_dtype(), device=param.device)
         state.update(self._new_clock(param, group, completed))
         statistics = new_statistics(param, real_dtype if group["reference_compat"] else None)
         if group["reference_compat"]:
@@ -178,7 +179,7 @@ class StableSPAM(SpikeAwareOptimizer):
                                     clamp=not group["reference_compat"])
         gamma1 = beta1 if group["gamma1"] == -1 else group["gamma1"]
         settings = StableStep(
-            lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
+            lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             gamma1=gamma1 * sigma, gamma2=group["gamma2"], gamma3=group["gamma3"], sigma=sigma,
             reset=schedule.is_reset_step(current, group["reset_interval"]), adaclip=group["adaclip"],
             adagn=group["adagn"], maximize=group["maximize"], reference_compat=group["reference_compat"])
