@@ -133,21 +133,25 @@ def test_weights_only_reload_keeps_every_dtype(dtype):
 
 
 def test_load_state_dict_from_older_version_and_with_python_number_step():
-    """Group flags missing (older pickles) fall back to defaults; a Python-number step becomes a tensor."""
+    """Implementation flags missing (an older version's state dict) fall back to the optimizer's own; a
+    Python-number step becomes a tensor. A missing setting that changes the math is refused."""
     model = _model()
     opt = SPAM(_groups(model), **SMALL)
     _train(model, opt, 3)
     state_dict = copy.deepcopy(opt.state_dict())
     for group in state_dict["param_groups"]:
-        for flag in ("skip_nonfinite", "foreach", "bias_correction_reset", "maximize"):
-            del group[flag]
+        for flag in ("foreach", "fused", "compiled", "capturable", "differentiable"):
+            group.pop(flag, None)
     for state in state_dict["state"].values():
         state["step"] = float(state["step"])
     fresh = SPAM(_groups(model), **SMALL)
     fresh.load_state_dict(state_dict)
-    assert all(g["skip_nonfinite"] is True and g["foreach"] is None for g in fresh.param_groups)
+    assert all(g["foreach"] is None and g["capturable"] is False for g in fresh.param_groups)
     assert all(isinstance(s["step"], torch.Tensor) for s in fresh.state.values())
     _train(model, fresh, 2)
+    del state_dict["param_groups"][0]["bias_correction_reset"]
+    with pytest.raises(ValueError, match="parameter group 0 has no bias_correction_reset: it was not written by SPAM"):
+        SPAM(_groups(model), **SMALL).load_state_dict(state_dict)
 
 
 def _checkpoint_resume(stop_at, total, density, foreach):

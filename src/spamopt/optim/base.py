@@ -7,6 +7,7 @@ loading and the choice of implementation. A subclass adds its defaults, its stat
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass
 from numbers import Integral, Real
@@ -109,6 +110,18 @@ def validate_common(group: dict[str, Any]) -> None:
 
 
 # ---------------------------------------------------------------------------------------- tensors
+
+
+# Group keys that choose how a step is computed, not what it computes: a state dict without them (written by an
+# older version) loads with the optimizer's own. Any other missing key is refused.
+IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "compiled", "capturable", "differentiable"})
+
+
+def _dtype_kind(dtype: torch.dtype) -> str | torch.dtype:
+    """Floating state may come in another float precision (older checkpoints); anything else must match."""
+    if dtype.is_complex:
+        return "complex"
+    return "floating" if dtype.is_floating_point else dtype
 
 
 def moment_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -255,6 +268,7 @@ class SpikeAwareOptimizer(Optimizer):
         The base class casts every floating state tensor except ``step`` to its parameter's dtype (and ints to
         floats for floating parameters), which would corrupt integer clocks, seeds and bitmasks.
         """
+        self._check_loadable(state_dict)
         saved = state_dict["state"]
         saved_ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         super().load_state_dict(state_dict)
@@ -271,6 +285,61 @@ class SpikeAwareOptimizer(Optimizer):
                 elif key in self._integer_state or key in ("step", "skipped_steps"):
                     dtype = self._integer_state.get(key, torch.float32)
                     restored[key] = torch.tensor(value, dtype=dtype, device=device)
+
+    def _check_loadable(self, state_dict: dict[str, Any]) -> None:
+        """Refuse, before anything changes, a state dict this optimizer did not write or cannot continue from:
+        groups lacking any of its settings (another optimizer's state), settings its constructor would refuse,
+        and per-parameter state with missing entries, other shapes or other kinds of dtype than a fresh state."""
+        name = type(self).__name__
+        groups, states = state_dict.get("param_groups"), state_dict.get("state")
+        if not isinstance(groups, list) or not isinstance(states, dict):
+            raise ValueError("Invalid state_dict: not an optimizer state dict (needs 'state' and 'param_groups')")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"Invalid state_dict: {len(groups)} parameter groups where {name} has "
+                             f"{len(self.param_groups)}")
+        ordinal = 0
+        for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            missing = sorted(set(self.defaults) - set(saved) - IMPLEMENTATION_FLAGS)
+            if missing:
+                raise ValueError(f"Invalid state_dict: parameter group {index} has no {', '.join(missing)}: it was "
+                                 f"not written by {name} (another optimizer's state?)")
+            if len(saved["params"]) != len(group["params"]):
+                raise ValueError(f"Invalid state_dict: parameter group {index} holds {len(saved['params'])} "
+                                 f"parameters where {name}'s holds {len(group['params'])}")
+            merged = {**group, **{k: v for k, v in saved.items() if k != "params"}}
+            try:
+                self._validate(merged)
+                self._validate_params(merged)
+            except ValueError as error:
+                raise ValueError(f"Invalid state_dict: parameter group {index}: {error}") from None
+            for pid, param in zip(saved["params"], group["params"]):
+                ordinal += 1
+                if pid in states:
+                    self._check_param_state(param, merged, states[pid], ordinal - 1, f"parameter {pid}")
+
+    def _check_param_state(self, param: Tensor, group: dict[str, Any], saved: dict[str, Any], ordinal: int,
+                           where: str) -> None:
+        """``saved`` holds every entry of a fresh state for ``param``, in its shape and kind of dtype."""
+        fresh, self.state = self.state, defaultdict(dict)
+        try:
+            self._init_state(param, group, 0, ordinal)
+            template = self.state[param]
+        finally:
+            self.state = fresh
+        for key, expected in template.items():
+            if key not in saved:
+                raise ValueError(f"Invalid state_dict: {where} has no {key!r} state")
+            value = saved[key]
+            if not isinstance(value, Tensor):
+                if key in ("step", "skipped_steps") and isinstance(value, Real) and not isinstance(value, bool):
+                    continue  # a plain number, as older torch versions saved counters
+                raise ValueError(f"Invalid state_dict: {where}'s {key!r} is a {type(value).__name__}, not a tensor")
+            if tuple(value.shape) != tuple(expected.shape):
+                raise ValueError(f"Invalid state_dict: {where}'s {key!r} has shape {tuple(value.shape)} where "
+                                 f"{tuple(expected.shape)} is expected (another model, or another density?)")
+            if _dtype_kind(value.dtype) != _dtype_kind(expected.dtype):
+                raise ValueError(f"Invalid state_dict: {where}'s {key!r} is {value.dtype} where "
+                                 f"{expected.dtype} is expected")
 
     def _init_state(self, param: Tensor, group: dict[str, Any], completed: int | Tensor, ordinal: int) -> None:
         """Create ``self.state[param]`` before the parameter's first step; ``ordinal`` is its position."""
