@@ -364,3 +364,69 @@ def test_the_overflow_proof_norm_equals_torchs_wherever_that_one_is_finite():
     for g in (torch.randn(1000) * 1e-30, torch.full((9,), torch.finfo(torch.float32).max)):
         assert not 0 < torch.linalg.vector_norm(g).item() < float("inf")
         assert safe_norm(g).item() == pytest.approx(torch.linalg.vector_norm(g.double()).item(), rel=1e-6)
+
+
+def _wrapped_adamw(seed: int = 0) -> tuple[list[torch.nn.Parameter], AdaClipGN]:
+    torch.manual_seed(seed)
+    params = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    return params, AdaClipGN(torch.optim.AdamW(params, lr=1e-2))
+
+
+def _wrapped_steps(params, optimizer, steps: int, seed: int = 1) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=generator)
+        optimizer.step()
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_adaclipgn_copies_and_pickles_as_one_optimizer(how):
+    """A deep copy or a pickle round trip keeps the wrapped optimizer and the settings (they used to be lost,
+    and the copy's step() raised AttributeError); the copy then steps exactly as the original."""
+    import pickle
+
+    params, optimizer = _wrapped_adamw()
+    _wrapped_steps(params, optimizer, 3)
+    if how == "deepcopy":
+        copy_params, copied = copy.deepcopy((params, optimizer))
+    else:
+        copy_params, copied = pickle.loads(pickle.dumps((params, optimizer)))
+    assert copied.settings == optimizer.settings and copied.param_groups is copied.optimizer.param_groups
+    _wrapped_steps(params, optimizer, 3, seed=2)
+    _wrapped_steps(copy_params, copied, 3, seed=2)
+    for a, b in zip(params, copy_params):
+        assert torch.equal(a, b)
+
+
+def test_adaclipgn_runs_every_hook_once():
+    """State-dict and load-state-dict hooks registered on the wrapper run (they never did); a global step hook
+    runs once per step (it ran twice: for the wrapper and for the wrapped optimizer), the wrapper's own step
+    hooks once, and hooks registered on the wrapped optimizer still run."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    params, optimizer = _wrapped_adamw()
+    calls: list[str] = []
+    optimizer.register_state_dict_pre_hook(lambda opt: calls.append("state_dict pre"))
+    optimizer.register_state_dict_post_hook(lambda opt, sd: calls.append("state_dict post"))
+    optimizer.register_load_state_dict_pre_hook(lambda opt, sd: calls.append("load pre"))
+    optimizer.register_load_state_dict_post_hook(lambda opt: calls.append("load post"))
+    optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("wrapper step"))
+    optimizer.optimizer.register_step_post_hook(lambda opt, args, kwargs: calls.append("inner step"))
+    handle = register_optimizer_step_post_hook(lambda opt, a, k: calls.append("global"))
+    try:
+        _wrapped_steps(params, optimizer, 1)
+    finally:
+        handle.remove()
+    optimizer.load_state_dict(optimizer.state_dict())
+    assert sorted(calls) == sorted(["inner step", "global", "wrapper step", "state_dict pre", "state_dict post",
+                                    "load pre", "load post"])
+
+
+def test_adaclipgn_refuses_sparse_gradients_and_a_gamma1_without_betas_clearly():
+    params, optimizer = _wrapped_adamw()
+    params[0].grad = torch.eye(5, 3).to_sparse()
+    with pytest.raises(RuntimeError, match="AdaClipGN does not support sparse gradients"):
+        optimizer.step()
+    with pytest.raises(ValueError, match="Invalid gamma1 value: -1 .*SGD has no betas"):
+        AdaClipGN(torch.optim.SGD(params, lr=0.1), gamma1=-1)

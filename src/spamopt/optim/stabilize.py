@@ -140,6 +140,9 @@ class AdaClipGN(Optimizer):
         validate_stabilizer(gamma1, gamma2, gamma3, eps, adaclip)
         check_flag("skip_nonfinite", skip_nonfinite)
         if gamma1 == -1:
+            if "betas" not in optimizer.defaults:
+                raise ValueError(f"Invalid gamma1 value: -1 (it stands for the wrapped optimizer's betas[0], and "
+                                 f"{type(optimizer).__name__} has no betas: give gamma1 in [0, 1))")
             gamma1 = optimizer.defaults["betas"][0]
         self.optimizer = optimizer
         self.settings = dict(gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, eps=eps, adaclip=adaclip,
@@ -154,6 +157,27 @@ class AdaClipGN(Optimizer):
     def __repr__(self) -> str:
         return f"AdaClipGN({self.settings}, {self.optimizer!r})"
 
+    def __getstate__(self) -> dict[str, Any]:  # torch's keeps only defaults, state and groups
+        return {**super().__getstate__(), "optimizer": self.optimizer, "settings": self.settings}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._share()
+
+    def _step_wrapped(self) -> None:
+        """The wrapped optimizer's step with its own hooks but not the global ones, which this wrapper's step
+        has run already (one optimizer step, one run of every hook)."""
+        inner = self.optimizer
+        step = getattr(type(inner).step, "__wrapped__", None)
+        if step is None:
+            inner.step()
+            return
+        for hook in list(inner._optimizer_step_pre_hooks.values()):
+            hook(inner, (), {})
+        step(inner)
+        for hook in list(inner._optimizer_step_post_hooks.values()):
+            hook(inner, (), {})
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:  # type: ignore[override]
         loss = None
@@ -162,6 +186,8 @@ class AdaClipGN(Optimizer):
                 loss = closure()
         s = self.settings
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        if any(p.grad.is_sparse for p in params):
+            raise RuntimeError("AdaClipGN does not support sparse gradients (its statistics need dense ones)")
         keep = all_finite([p.grad for p in params]) if s["skip_nonfinite"] else None
         originals, fresh = [], {}
         for p in params:
@@ -185,7 +211,7 @@ class AdaClipGN(Optimizer):
             originals.append((p, p.grad))
             p.grad = g.to(p.grad.dtype)
         try:
-            self.optimizer.step()
+            self._step_wrapped()
         finally:
             for p, grad in originals:
                 p.grad = grad
@@ -197,11 +223,24 @@ class AdaClipGN(Optimizer):
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:
-        return self.optimizer.state_dict()
+        """The wrapped optimizer's state dict (statistics included), through this wrapper's state-dict hooks."""
+        for hook in list(self._optimizer_state_dict_pre_hooks.values()):
+            hook(self)
+        state_dict = self.optimizer.state_dict()
+        for hook in list(self._optimizer_state_dict_post_hooks.values()):
+            state_dict = hook(self, state_dict) or state_dict
+        return state_dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load into the wrapped optimizer; the statistics keep their own dtype (torch would cast them to the
-        parameter's)."""
+        """Load into the wrapped optimizer, through this wrapper's load-state-dict hooks; the statistics keep
+        their own dtype (torch would cast them to the parameter's)."""
+        for hook in list(self._optimizer_load_state_dict_pre_hooks.values()):
+            state_dict = hook(self, state_dict) or state_dict
+        self._load_state_dict(state_dict)
+        for hook in list(self._optimizer_load_state_dict_post_hooks.values()):
+            hook(self)
+
+    def _load_state_dict(self, state_dict: dict[str, Any]) -> None:
         saved = {pid: {k: v for k, v in entries.items() if k.startswith(self.PREFIX)}
                  for pid, entries in state_dict["state"].items()}
         self.optimizer.load_state_dict(state_dict)
