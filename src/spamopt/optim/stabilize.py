@@ -23,12 +23,14 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import all_finite, check_flag, check_number
+from .base import all_finite, check_flag, check_number, is_distributed_tensor, local, moment_dtype
 
-__all__ = ["AdaClipGN", "ADACLIP_MODES", "adaclip_", "adagn_", "new_statistics", "safe_norm", "norm_scale"]
+__all__ = ["AdaClipGN", "ADACLIP_MODES", "adaclip_", "adagn_", "new_statistics", "safe_norm", "norm_scale",
+           "shard_group", "stabilize_shards_"]
 
 ADACLIP_MODES = ("scale", "clamp", "off")  # "off": StableSPAM's ablations only
 STATISTICS = ("stat_step", "max_ema", "norm_ema", "norm_sq_ema")  # n, M, a, b
@@ -75,10 +77,13 @@ def _debiased(average: Tensor, gamma: float | Tensor, count: Tensor) -> Tensor:
     return average / debias_correction(gamma, count).to(average.dtype)
 
 
-def adaclip_(g: Tensor, max_ema: Tensor, count: Tensor, gamma3: float, keep: float | Tensor, mode: str) -> Tensor:
+def adaclip_(g: Tensor, max_ema: Tensor, count: Tensor, gamma3: float, keep: float | Tensor, mode: str,
+             mu: Tensor | None = None) -> Tensor:
     """Clip ``g`` in place against the running maximum of ``max|g|`` (``count``: steps seen, this one included);
-    returns ``max|g|`` before clipping (an upper bound of it after)."""
-    mu = g.abs().amax() if g.numel() else g.new_zeros(())
+    returns ``max|g|`` before clipping (an upper bound of it after). ``mu``: the maximum when ``g`` is a shard
+    of the tensor whose maximum counts."""
+    if mu is None:
+        mu = g.abs().amax() if g.numel() else g.new_zeros(())
     _ema_(max_ema, mu, gamma3, keep)
     bound = _debiased(max_ema, gamma3, count).to(g.dtype)
     spiked = g.abs() > bound
@@ -93,14 +98,54 @@ def adaclip_(g: Tensor, max_ema: Tensor, count: Tensor, gamma3: float, keep: flo
 
 
 def adagn_(g: Tensor, norm_ema: Tensor, norm_sq_ema: Tensor, count: Tensor, gamma1: float | Tensor, gamma2: float,
-           eps: float, keep: float | Tensor, peak: Tensor | None = None) -> None:
+           eps: float, keep: float | Tensor, peak: Tensor | None = None, r: Tensor | None = None) -> None:
     """Rescale ``g`` in place so that its norm follows the running mean norm, normalised by the running RMS
-    (``peak``: an upper bound of ``max|g|`` if known, saving a pass)."""
-    r = safe_norm(g, peak).to(norm_ema.dtype)
+    (``peak``: an upper bound of ``max|g|`` if known, saving a pass; ``r``: the norm when ``g`` is a shard of
+    the tensor whose norm counts)."""
+    r = (safe_norm(g, peak) if r is None else r).to(norm_ema.dtype)
     _ema_(norm_ema, r, gamma1, keep)
     _ema_(norm_sq_ema, r * r, gamma2, keep)
     target = _debiased(norm_ema, gamma1, count) / (_debiased(norm_sq_ema, gamma2, count).sqrt() + eps)
     g.mul_(torch.where(r > 0, target / r, 1.0).to(g.dtype))
+
+
+def stabilize_shards_(gs: list[Tensor], statistics: list[dict[str, Tensor]], counts: list[Tensor], *, gamma1: float,
+                      gamma2: float, gamma3: float, eps: float, keep: float | Tensor, adaclip: str, adagn: bool,
+                      group: Any) -> None:
+    """AdaClip then AdaGN in place on ``gs``, each the local shard of a tensor sharded over the process
+    ``group`` (FSDP2), with every tensor's maximum and norm taken over the whole tensor, as on one process: one
+    all-reduce (max) of all the tensors' peaks, then one (sum) of their squares, scaled by a power of two so
+    that no square overflows. ``counts`` (``n``) are advanced here."""
+    for count in counts:
+        count.add_(keep)
+    peaks = torch.stack([g.abs().amax().double() if g.numel() else g.new_zeros((), dtype=torch.float64)
+                         for g in gs])
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX, group=group)
+    if adaclip != "off":
+        for g, stats, count, mu in zip(gs, statistics, counts, peaks.unbind(0)):
+            adaclip_(g, stats["max_ema"], count, gamma3, keep, adaclip, mu=mu.to(g.dtype))
+    if not adagn:
+        return
+    scales = norm_scale(peaks)
+    squares = torch.stack([(g * scale.to(g.dtype)).square().sum().double() for g, scale in zip(gs, scales)])
+    dist.all_reduce(squares, op=dist.ReduceOp.SUM, group=group)
+    norms = squares.sqrt() / scales
+    for g, stats, count, r in zip(gs, statistics, counts, norms.unbind(0)):
+        adagn_(g, stats["norm_ema"], stats["norm_sq_ema"], count, gamma1, gamma2, eps, keep, r=r)
+
+
+def shard_group(params: list[Tensor]) -> Any:
+    """The process group the parameters' shards are spread over (FSDP2 DTensors sharded on a 1-D mesh), or
+    None for whole tensors (one process, DDP, or replicated DTensors)."""
+    from .base import is_distributed_tensor
+
+    sharded = [p for p in params if is_distributed_tensor(p) and any(pl.is_shard() for pl in p.placements)]
+    if not sharded:
+        return None
+    mesh = sharded[0].device_mesh
+    if mesh.ndim != 1 or any(p.device_mesh != mesh for p in sharded):
+        raise NotImplementedError("AdaClip / AdaGN statistics under FSDP2 support one 1-D device mesh")
+    return mesh.get_group()
 
 
 def validate_stabilizer(gamma1: float, gamma2: float, gamma3: float, eps: float, adaclip: str) -> None:
@@ -189,27 +234,46 @@ class AdaClipGN(Optimizer):
         if any(p.grad.is_sparse for p in params):
             raise RuntimeError("AdaClipGN does not support sparse gradients (its statistics need dense ones)")
         keep = all_finite([p.grad for p in params]) if s["skip_nonfinite"] else None
-        originals, fresh = [], {}
+        group = shard_group(params)
+        if keep is not None and group is not None:  # each rank sees its shards: agree on the decision
+            agreed = keep.to(torch.int32)
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=group)
+            keep = agreed.bool()
+        keep_value: float | Tensor = 1.0 if keep is None else keep.double()  # statistics are float64
+        fresh: dict[Tensor, dict[str, Tensor]] = {}
+        gs, statistics = [], []
         for p in params:
             if p.is_complex():
                 raise RuntimeError("AdaClipGN does not support complex parameters")
             stats = {k.removeprefix(self.PREFIX): v for k, v in self.state[p].items() if k.startswith(self.PREFIX)}
             if not stats:
                 stats = fresh[p] = new_statistics(p)
-            dtype = stats["max_ema"].dtype
+            grad = local(p.grad).to(moment_dtype(p.dtype))  # a private copy, in fp32 for half precision
             if keep is None:  # non-finite coordinates count as zero
-                g = torch.nan_to_num(p.grad.to(dtype), nan=0.0, posinf=0.0, neginf=0.0)
+                gs.append(torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0))
             else:
-                g = torch.where(keep, p.grad, 0).to(dtype)
-            keep_value: float | Tensor = 1.0 if keep is None else keep.to(dtype)
-            stats["stat_step"].add_(keep_value)
-            peak = None
-            if s["adaclip"] != "off":
-                peak = adaclip_(g, stats["max_ema"], stats["stat_step"], s["gamma3"], keep_value, s["adaclip"])
-            adagn_(g, stats["norm_ema"], stats["norm_sq_ema"], stats["stat_step"], s["gamma1"], s["gamma2"],
-                   s["eps"], keep_value, peak)
-            originals.append((p, p.grad))
-            p.grad = g.to(p.grad.dtype)
+                gs.append(torch.where(keep, grad, 0))
+            statistics.append(stats)
+        counts = [stats["stat_step"] for stats in statistics]
+        if group is None:
+            for g, stats, count in zip(gs, statistics, counts):
+                count.add_(keep_value)
+                peak = None
+                if s["adaclip"] != "off":
+                    peak = adaclip_(g, stats["max_ema"], count, s["gamma3"], keep_value, s["adaclip"])
+                adagn_(g, stats["norm_ema"], stats["norm_sq_ema"], count, s["gamma1"], s["gamma2"], s["eps"],
+                       keep_value, peak)
+        else:
+            stabilize_shards_(gs, statistics, counts, gamma1=s["gamma1"], gamma2=s["gamma2"], gamma3=s["gamma3"],
+                              eps=s["eps"], keep=keep_value, adaclip=s["adaclip"], adagn=True, group=group)
+        originals = [(p, p.grad) for p in params]
+        for p, g in zip(params, gs):
+            if is_distributed_tensor(p.grad):  # the wrapped optimizer gets a sharded gradient, as before
+                transformed = p.grad.clone()
+                local(transformed).copy_(g)
+            else:
+                transformed = g.to(p.grad.dtype)
+            p.grad = transformed
         try:
             self._step_wrapped()
         finally:

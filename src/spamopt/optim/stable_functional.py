@@ -23,12 +23,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from .base import buckets_by_device_and_dtype, gradient_copy, inverse_scale, keep_on, real_view
-from .stabilize import adaclip_, adagn_, debias_correction
+from .stabilize import adaclip_, adagn_, debias_correction, stabilize_shards_
 
 __all__ = ["StableStep", "stable_spam", "COMPAT_NOT_COMPILED"]
 
@@ -54,6 +55,7 @@ class StableStep:
     adagn: bool
     maximize: bool
     reference_compat: bool
+    shard_group: Any = None  # FSDP2: the process group the tensors are sharded over (statistics over it)
 
 
 def _stabilize(g: Tensor, stats: dict[str, Tensor], counter: Tensor, h: StableStep, keep: float | Tensor) -> None:
@@ -132,8 +134,14 @@ def _multi_tensor_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avg
         if h.weight_decay != 0:
             decay = 1.0 - h.lr * h.weight_decay * keep_float
             torch._foreach_mul_(full, decay if isinstance(decay, float) else decay.to(ms[0].dtype))
-        for g, i, k in zip(gs, index, ks):  # per-tensor statistics: 0-dim work beside two passes over g
-            _stabilize(g, statistics[i], k if h.reference_compat else statistics[i]["stat_step"], h, keep_float)
+        counters = [k if h.reference_compat else statistics[i]["stat_step"] for i, k in zip(index, ks)]
+        if h.shard_group is None:
+            for g, i, counter in zip(gs, index, counters):  # per-tensor statistics: 0-dim work, two passes over g
+                _stabilize(g, statistics[i], counter, h, keep_float)
+        else:
+            stabilize_shards_(gs, [statistics[i] for i in index], counters, gamma1=h.gamma1, gamma2=h.gamma2,
+                              gamma3=h.gamma3, eps=h.eps, keep=keep_float, adaclip=h.adaclip, adagn=h.adagn,
+                              group=h.shard_group)
 
         _reset_first(ms, vs, ks, h)
         if not h.reference_compat:
@@ -215,6 +223,8 @@ def stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
     coordinates as zero. ``implementation``: ``"compiled"``, ``"foreach"`` or ``"forloop"``.
     """
     arrays = (params, grads, exp_avgs, exp_avg_sqs, steps, statistics)
+    if h.shard_group is not None:  # shards: the statistics are reduced over every tensor of the group at once
+        implementation = "foreach"
     if implementation == "compiled":
         from .compiled import limits
 

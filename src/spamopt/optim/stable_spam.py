@@ -13,7 +13,7 @@ from torch import Tensor
 from . import schedule
 from .base import (GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, local, moment_dtype, scalar_dtype,
                    scalar_lr, validate_common)
-from .stabilize import new_statistics, validate_stabilizer
+from .stabilize import new_statistics, shard_group, validate_stabilizer
 from .stable_functional import COMPAT_NOT_COMPILED, StableStep, momentum_multiplier, stable_spam
 
 __all__ = ["StableSPAM", "PRESETS"]
@@ -182,7 +182,8 @@ class StableSPAM(SpikeAwareOptimizer):
             lr=scalar_lr(group["lr"]), beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"],
             gamma1=gamma1 * sigma, gamma2=group["gamma2"], gamma3=group["gamma3"], sigma=sigma,
             reset=schedule.is_reset_step(current, group["reset_interval"]), adaclip=group["adaclip"],
-            adagn=group["adagn"], maximize=group["maximize"], reference_compat=group["reference_compat"])
+            adagn=group["adagn"], maximize=group["maximize"], reference_compat=group["reference_compat"],
+            shard_group=shard_group(params))
         states = [self.state[p] for p in params]
         stable_spam([local(p) for p in params], [local(g) for g in batch.grads], [local(s["exp_avg"]) for s in states],
                     [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], states, settings,
