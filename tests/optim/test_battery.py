@@ -22,6 +22,9 @@ import torch
 from spamopt import SPAM, AdaClipGN, StableSPAM
 
 common = pytest.importorskip("torch.testing._internal.common_optimizers", reason="needs expecttest (test extra)")
+# Importing torch's test utilities freezes torch.backends' global flags for the rest of the process (torch's own
+# suite sets them only through context managers); Lightning sets them directly, so thaw them for later tests.
+torch.backends.flags_frozen.__globals__["__allow_nonbracketed_mutation_flag"] = True
 ErrorOptimizerInput, OptimizerErrorEnum = common.ErrorOptimizerInput, common.OptimizerErrorEnum
 OptimizerInfo, OptimizerInput = common.OptimizerInfo, common.OptimizerInput
 
