@@ -90,6 +90,28 @@ def test_fsdp_resumes_from_a_single_process_checkpoint(single, tmp_path):
     assert _summary(str(run_dir))["val_loss"] == pytest.approx(_summary(single.run_dir)["val_loss"], abs=1e-5)
 
 
+@pytest.mark.parametrize("optimizer", ["spam", "stable-spam"])
+def test_a_two_process_fsdp_checkpoint_resumes_in_one_process(single, optimizer, tmp_path):
+    """The other direction: an FSDP2 run on 2 processes checkpoints at step 3; one process resumes it to step 6
+    and ends where a single process that ran all 6 steps ends (to the tolerance above), and its first
+    checkpoint holds what the two processes saved. A constant learning rate, so that the schedule does not
+    depend on the run's length."""
+    alone = replace(single, optimizer=optimizer, optimizer_args=single.optimizer_args if optimizer == "spam" else {},
+                    warmup_steps=0, min_lr_ratio=1.0, run_dir=str(tmp_path / "single"))
+    train(alone)
+    sharded = replace(alone, steps=3, parallel="fsdp", run_dir=str(tmp_path / "resharded"))
+    _torchrun(sharded)
+    saved = torch.load(Path(sharded.run_dir) / "checkpoint.pt", weights_only=True)
+    train(replace(sharded, steps=6, parallel="ddp", resume=True))
+    assert (Path(sharded.run_dir) / "checkpoint.prev.pt").exists()
+    previous = torch.load(Path(sharded.run_dir) / "checkpoint.prev.pt", weights_only=True)
+    for name, value in saved["model"].items():
+        assert torch.equal(previous["model"][name], value)
+    reference = _weights(alone.run_dir)
+    for name, value in _weights(sharded.run_dir).items():
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_quantised_training_under_torchrun_matches_one_process(single, parallel, tmp_path):
     """--quant int4 under DDP and FSDP2 (which gathers the full weight before the quantised forward): the same
