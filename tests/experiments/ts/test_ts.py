@@ -46,6 +46,23 @@ def test_patchtst_has_the_papers_shape():
     torch.testing.assert_close(a[..., 0], b[..., 0])
 
 
+def test_patchtsts_dropout_of_0_3_takes_effect_in_training_only():
+    """transformers' PatchTSTConfig has no ``dropout`` field that any module reads: passed as ``dropout`` the
+    paper's 0.3 was stored and ignored, and the train-mode forward was deterministic. Now the model has
+    dropout modules of p = 0.3 (positional, feed-forward, residual; none on attention or the head), a
+    train-mode forward is stochastic and an eval-mode one is not."""
+    torch.manual_seed(0)
+    model = build_patchtst(3, 64, 8, PatchTSTShape())
+    rates = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0})
+    assert rates == [0.3]
+    x = torch.randn(2, 64, 3)
+    with torch.no_grad():
+        model.train()
+        assert not torch.equal(model(past_values=x).prediction_outputs, model(past_values=x).prediction_outputs)
+        model.eval()
+        assert torch.equal(model(past_values=x).prediction_outputs, model(past_values=x).prediction_outputs)
+
+
 def test_one_grid_per_optimizer_writes_the_report_and_reuses_runs(tiny, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "grid"

@@ -35,7 +35,11 @@ def build_patchtst(channels: int, lookback: int, horizon: int, shape: PatchTSTSh
         num_input_channels=channels, context_length=lookback, prediction_length=horizon,
         patch_length=shape.patch_length, patch_stride=shape.patch_stride, d_model=shape.d_model,
         num_attention_heads=shape.heads, num_hidden_layers=shape.layers, ffn_dim=shape.ffn,
-        dropout=shape.dropout, head_dropout=0.0, pooling_type=None,  # PatchTST's flatten head
+        # PatchTST's one dropout acts after the positional encoding, inside the feed-forward and on both
+        # residual branches; transformers names those three places (its `dropout` field is read nowhere).
+        # PatchTST's attention dropout and its flatten head's are 0.
+        positional_dropout=shape.dropout, ff_dropout=shape.dropout, path_dropout=shape.dropout,
+        attention_dropout=0.0, head_dropout=0.0, pooling_type=None,  # PatchTST's flatten head
         scaling="std",  # per-instance standardisation (RevIN, affine=False as in PatchTST's ETT scripts)
         share_embedding=True, channel_attention=False, do_mask_input=False, loss="mse")
     return transformers.PatchTSTForPrediction(config)
