@@ -63,6 +63,19 @@ def test_patchtsts_dropout_of_0_3_takes_effect_in_training_only():
         assert torch.equal(model(past_values=x).prediction_outputs, model(past_values=x).prediction_outputs)
 
 
+def test_the_learning_rate_schedule_is_patchtsts_as_its_training_loop_applies_it():
+    """PatchTST's exp_main.py calls adjust_learning_rate(epoch + 1) after each epoch, whose type3 rule sets
+    lr if epoch < 3 else lr·0.9^(epoch − 3); the first epoch runs at the initial rate. Transcribed here, it
+    keeps 1e-4 for four epochs (ours used to decay after three)."""
+    base, current, expected = 1e-4, 1e-4, []
+    for epoch in range(10):
+        expected.append(current)
+        after = epoch + 1
+        current = base if after < 3 else base * 0.9 ** (after - 3)
+    assert [ts_train.epoch_lr(base, e) for e in range(10)] == pytest.approx(expected, rel=1e-12)
+    assert [ts_train.epoch_lr(base, e) for e in range(5)] == pytest.approx([1e-4] * 4 + [0.9e-4])
+
+
 def test_one_grid_per_optimizer_writes_the_report_and_reuses_runs(tiny, tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "grid"

@@ -38,7 +38,7 @@ class TSConfig:
     severity: float = option(0.0, "anomaly severity S: X + N(0, S·max|X|); 0 is clean data")
     optimizer: str = option("adam", "a registry name: adam, adamw, spam, stable-spam, ...")
     optimizer_args: dict[str, Any] = option(dict, "JSON object passed to the optimizer's constructor")
-    lr: float = option(1e-4, "learning rate (PatchTST: 1e-4), kept for 3 epochs then × 0.9 per epoch")
+    lr: float = option(1e-4, "learning rate (PatchTST: 1e-4), kept for 4 epochs then × 0.9 per epoch")
     batch_size: int = option(128, "windows per step")
     epochs: int = option(20, "training epochs")
     patience: int = option(5, "stop after this many epochs without a better validation error; 0: train "
@@ -65,8 +65,10 @@ class TSConfig:
 
 
 def epoch_lr(lr: float, epoch: int) -> float:
-    """PatchTST's ``type3`` schedule for ETT: the base rate for epochs 0–2, then × 0.9 per epoch."""
-    return lr if epoch < 3 else lr * 0.9 ** (epoch - 2)
+    """The learning rate of epoch ``epoch`` (0-based) under PatchTST's ``type3`` schedule as its training loop
+    applies it: after epoch ``e`` it sets ``lr·(1 if e + 1 < 3 else 0.9^(e + 1 − 3))`` for the next one, so
+    the base rate holds for epochs 0–3, then × 0.9 per epoch."""
+    return lr if epoch < 4 else lr * 0.9 ** (epoch - 3)
 
 
 @torch.no_grad()
