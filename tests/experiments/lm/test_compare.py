@@ -48,6 +48,28 @@ def test_the_main_command_on_a_minimal_budget(token_cache, tmp_path, capsys):
     assert (out / "curves.png").exists() and "| spam |" in (out / "report.md").read_text()
 
 
+def test_match_memory_runs_galore_at_the_budgets_rank(small_run, tmp_path, monkeypatch):
+    """``--match-memory galore:R`` used to leave GaLore at hidden/4 (rank 16 on the tiny model at galore:32):
+    the GaLore entry now runs at rank R, and one given its own rank keeps it. (The configs are checked as
+    ``compare`` builds them; galore-torch itself is not needed.)"""
+    from spamopt.experiments.lm import compare as lm_compare
+
+    built: list = []
+
+    def record(out, names, seeds, make_run, execute, workers=1):
+        built.extend(make_run(name, seed, out / name / f"seed{seed}") for name in names for seed in seeds)
+        raise SystemExit
+
+    monkeypatch.setattr(lm_compare, "run_grid", record)
+    grid = CompareConfig(optimizers="galore,own=galore,spam-sparse", seeds="0", out_dir=str(tmp_path / "m"),
+                         match_memory="galore:32", optimizer_args={"own": {"rank": 8}})
+    with pytest.raises(SystemExit):
+        compare(grid, small_run)
+    options = {c.run_dir.split("/")[-2]: c.optimizer_args for c in built}
+    assert options["galore"]["rank"] == 32 and options["own"]["rank"] == 8
+    assert options["spam-sparse"]["density"] == lm_compare.matched_memory("galore:32", "tiny")["density"]
+
+
 def test_match_memory_sets_the_sparse_density_and_reports_both_figures(small_run, tmp_path):
     """``--match-memory galore:8`` gives spam-sparse the density whose state on the block matrices equals
     GaLore's at rank 8, and the report states the budget and spam-sparse's own figure."""

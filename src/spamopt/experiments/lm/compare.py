@@ -61,7 +61,8 @@ def matched_memory(spec: str, model: str) -> dict[str, Any]:
     budget = galore_state_bytes(shapes, int(value)) if kind == "galore" else int(value)
     density = matched_density(shapes, budget)
     return {"reference": f"GaLore rank {value}" if kind == "galore" else f"{value} bytes", "budget_bytes": budget,
-            "density": density, "spam_sparse_bytes": sparse_spam_state_bytes(shapes, density)}
+            "density": density, "spam_sparse_bytes": sparse_spam_state_bytes(shapes, density),
+            "galore_rank": int(value) if kind == "galore" else None}
 
 
 def compare(config: CompareConfig, base: TrainConfig) -> Path:
@@ -77,6 +78,8 @@ def compare(config: CompareConfig, base: TrainConfig) -> Path:
         options, lr = entry_options(config.optimizer_args, label, name, base.lr)
         if matched and name == "spam-sparse":
             options.setdefault("density", matched["density"])
+        if matched and name == "galore" and matched["galore_rank"] is not None:
+            options.setdefault("rank", matched["galore_rank"])  # the budget's rank is the rank GaLore runs at
         return replace(base, optimizer=name, optimizer_args=options, lr=lr, seed=seed, resume=True,
                        run_dir=str(directory))
 
@@ -188,7 +191,9 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
     if matched:
         lines += ["", f"spam-sparse runs at density {matched['density']}, matched to {matched['reference']}: "
                   f"{matched['budget_bytes'] / 2**20:.2f} MiB of state on the block matrices against "
-                  f"{matched['spam_sparse_bytes'] / 2**20:.2f} MiB for spam-sparse (moments and 1-bit masks)."]
+                  f"{matched['spam_sparse_bytes'] / 2**20:.2f} MiB for spam-sparse (moments and 1-bit masks)"
+                  + (f"; GaLore entries without a rank of their own run at rank {matched['galore_rank']}."
+                     if matched.get("galore_rank") else ".")]
     lines += ["", "![training loss and validation perplexity](curves.png)", "",
               "![final validation perplexity against memory](memory.png)", "",
               "Std is the sample standard deviation over seeds; tokens/s excludes evaluation, checkpointing and the "
