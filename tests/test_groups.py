@@ -46,3 +46,32 @@ def test_dense_groups_and_frozen_parameters():
 def test_bad_arguments_are_named(options, match):
     with pytest.raises(ValueError, match=match):
         param_groups(_llama(True), **options)
+
+
+def test_gpt2_conv1d_layers_are_block_matrices():
+    """GPT-2's attention and MLP layers are transformers' Conv1D, not nn.Linear: they used to get no sparse
+    momentum (density silently ignored); they are the sparse group now, and the tied wte/lm_head stays dense."""
+    config = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4)
+    model = transformers.GPT2LMHeadModel(config)
+    sparse, matrices, _ = param_groups(model, density=0.25)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert sorted(names[id(p)].split(".")[-2] for p in sparse["params"]) == sorted(["c_attn", "c_proj", "c_fc",
+                                                                                    "c_proj"] * 2)
+    assert {names[id(p)] for p in matrices["params"]} == {"transformer.wte.weight", "transformer.wpe.weight"}
+
+
+@pytest.mark.parametrize("build,heads", [
+    (lambda: transformers.BertForSequenceClassification(transformers.BertConfig(
+        vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)),
+     {"bert.pooler.dense.weight", "classifier.weight"}),
+    (lambda: transformers.LlamaForSequenceClassification(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, pad_token_id=0)), {"score.weight"}),
+], ids=["bert-classifier-and-pooler", "llama-score"])
+def test_task_heads_stay_dense(build, heads):
+    """Classification heads (and BERT's pooler) used to become sparse; they stay dense and decayed."""
+    model = build()
+    sparse, matrices, _ = param_groups(model, weight_decay=0.1, density=0.25)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert heads <= {names[id(p)] for p in matrices["params"]}
+    assert heads.isdisjoint(names[id(p)] for p in sparse["params"]) and len(sparse["params"]) > 0

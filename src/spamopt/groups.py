@@ -4,10 +4,12 @@ model, a plain module): the boilerplate every training script repeats, written o
 :func:`param_groups` sorts the *trainable* parameters (``requires_grad``; a PEFT model's frozen base gets no
 group and so no optimizer state) into
 
-* block matrices: the weights of ``nn.Linear`` layers, weight decay applied, and ``density`` (sparse momentum)
-  when it is below 1, as the paper applies it to attention and MLP matrices;
-* other matrices and tensors of 2+ dimensions: embeddings and the output head (whose weight is often the
-  embedding's, tied), decayed, always dense;
+* block matrices: the weights of ``nn.Linear`` layers (and of ``transformers``' ``Conv1D``, GPT-2's linear
+  layer), weight decay applied, and ``density`` (sparse momentum) when it is below 1, as the paper applies it
+  to attention and MLP matrices;
+* other matrices and tensors of 2+ dimensions: embeddings, the output head (whose weight is often the
+  embedding's, tied) and task heads (modules named ``classifier``, ``score``, ``pooler``, ``qa_outputs`` or
+  ``cls``, as ``transformers`` names them), decayed, always dense;
 * vectors and scalars (biases, norm weights): no weight decay, dense.
 
 Empty groups are left out. The result goes straight to the constructor:
@@ -21,6 +23,14 @@ from typing import Any
 from torch import nn
 
 __all__ = ["param_groups"]
+
+# transformers' task heads and BERT's pooler: not the model's blocks, so never sparse.
+TASK_HEADS = frozenset({"classifier", "score", "pooler", "qa_outputs", "cls"})
+
+
+def _is_linear(module: nn.Module) -> bool:
+    """``nn.Linear``, or ``transformers``' ``Conv1D`` (GPT-2's linear layer, weight stored transposed)."""
+    return isinstance(module, nn.Linear) or (type(module).__name__ == "Conv1D" and hasattr(module, "nf"))
 
 
 def _output_head(model: nn.Module) -> nn.Module | None:
@@ -48,8 +58,9 @@ def param_groups(model: nn.Module, *, weight_decay: float = 0.0, density: float 
     head = _output_head(model)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     blocks: set[int] = set()
-    for module in model.modules():
-        if isinstance(module, nn.Linear) and module is not head and id(module.weight) not in embeddings:
+    for name, module in model.named_modules():
+        in_head = module is head or not TASK_HEADS.isdisjoint(name.split("."))
+        if _is_linear(module) and not in_head and id(module.weight) not in embeddings:
             blocks.add(id(module.weight))
     sparse, matrices, vectors = [], [], []
     for param in model.parameters():  # each shared tensor once
