@@ -46,6 +46,20 @@ def test_patchtst_has_the_papers_shape():
     torch.testing.assert_close(a[..., 0], b[..., 0])
 
 
+def test_patchtst_is_post_norm_with_learnable_positions_and_pytorchs_initialisation():
+    """PatchTST's own choices where transformers' defaults differ: post-norm (transformers: pre-norm), learnable
+    positions starting uniform in ±0.02 (transformers: fixed sin-cos), linear layers at PyTorch's default
+    initialisation, uniform in ±1/sqrt(fan_in) (transformers: N(0, 0.02))."""
+    torch.manual_seed(0)
+    model = build_patchtst(3, 336, 96, PatchTSTShape())
+    assert model.config.pre_norm is False and model.config.norm_type == "batchnorm"
+    positions = next(p for n, p in model.named_parameters() if n.endswith("position_enc"))
+    assert positions.requires_grad and positions.abs().max() <= 0.02 and positions.std() > 0.01
+    ffn = next(m for n, m in model.named_modules() if n.endswith("layers.0.ff.0"))
+    bound = 1 / ffn.in_features ** 0.5
+    assert ffn.weight.abs().max() <= bound and abs(ffn.weight.std().item() - bound / 3 ** 0.5) < 0.1 * bound
+
+
 def test_patchtsts_dropout_of_0_3_takes_effect_in_training_only():
     """transformers' PatchTSTConfig has no ``dropout`` field that any module reads: passed as ``dropout`` the
     paper's 0.3 was stored and ignored, and the train-mode forward was deterministic. Now the model has
