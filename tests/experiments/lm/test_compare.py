@@ -70,6 +70,16 @@ def test_match_memory_runs_galore_at_the_budgets_rank(small_run, tmp_path, monke
     assert options["spam-sparse"]["density"] == lm_compare.matched_memory("galore:32", "tiny")["density"]
 
 
+def test_match_masks_counts_the_bitmasks_in_the_budget():
+    """With ``match_masks`` the 1-bit masks come out of the same budget: a lower density, and moments plus
+    masks within one rounding step of the budget (without it, the moments alone are)."""
+    from spamopt.experiments.lm.compare import matched_memory
+
+    moments, both = matched_memory("galore:16", "mini"), matched_memory("galore:16", "mini", include_mask=True)
+    assert both["density"] < moments["density"] and both["counts_masks"] and not moments["counts_masks"]
+    assert abs(both["spam_sparse_bytes"] - both["budget_bytes"]) < 0.002 * both["budget_bytes"]
+
+
 def test_match_memory_sets_the_sparse_density_and_reports_both_figures(small_run, tmp_path):
     """``--match-memory galore:8`` gives spam-sparse the density whose state on the block matrices equals
     GaLore's at rank 8, and the report states the budget and spam-sparse's own figure."""

@@ -49,20 +49,23 @@ class CompareConfig:
     match_memory: str = option("", "give spam-sparse (each entry of that name without a density of its own) the "
                                    "density whose state equals a budget on the block matrices: galore:RANK "
                                    "(GaLore's state at that rank) or bytes:N")
+    match_masks: bool = option(False, "count spam-sparse's 1-bit masks in the matched budget too (the paper "
+                                      "counted the moments only)")
     workers: int = option(1, "runs at a time, as parallel single-thread processes (CPU; 1 under torchrun)")
 
 
-def matched_memory(spec: str, model: str) -> dict[str, Any]:
-    """``galore:RANK`` or ``bytes:N`` → the budget on ``model``'s block matrices and the matching density."""
+def matched_memory(spec: str, model: str, include_mask: bool = False) -> dict[str, Any]:
+    """``galore:RANK`` or ``bytes:N`` → the budget on ``model``'s block matrices and the matching density
+    (moments only, as the paper counted, or with ``include_mask`` moments and 1-bit masks)."""
     kind, _, value = spec.partition(":")
     if kind not in ("galore", "bytes") or not value.isdigit() or int(value) < 1:
         raise ValueError(f"Invalid match_memory value: {spec!r} (galore:RANK or bytes:N, positive integers)")
     shapes = [s for n, s in CONFIGS[model].parameter_shapes().items() if is_block_matrix(n, s)]
     budget = galore_state_bytes(shapes, int(value)) if kind == "galore" else int(value)
-    density = matched_density(shapes, budget)
+    density = matched_density(shapes, budget, include_mask=include_mask)
     return {"reference": f"GaLore rank {value}" if kind == "galore" else f"{value} bytes", "budget_bytes": budget,
             "density": density, "spam_sparse_bytes": sparse_spam_state_bytes(shapes, density),
-            "galore_rank": int(value) if kind == "galore" else None}
+            "galore_rank": int(value) if kind == "galore" else None, "counts_masks": include_mask}
 
 
 def compare(config: CompareConfig, base: TrainConfig) -> Path:
@@ -71,7 +74,8 @@ def compare(config: CompareConfig, base: TrainConfig) -> Path:
     entries = parse_labelled("optimizers", config.optimizers)
     seeds = parse_list("seeds", config.seeds, int)
 
-    matched = matched_memory(config.match_memory, base.model) if config.match_memory else None
+    matched = (matched_memory(config.match_memory, base.model, config.match_masks) if config.match_memory
+               else None)
 
     def make_run(label: str, seed: int, directory: Path) -> TrainConfig:
         name = entries[label]
@@ -189,7 +193,8 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
                      f"{_mib(row['peak_step_memory_bytes'])} |")
     matched = results.get("matched_memory")
     if matched:
-        lines += ["", f"spam-sparse runs at density {matched['density']}, matched to {matched['reference']}: "
+        lines += ["", f"spam-sparse runs at density {matched['density']}, matched to {matched['reference']} "
+                  f"({'moments and masks' if matched.get('counts_masks') else 'moments only'} counted): "
                   f"{matched['budget_bytes'] / 2**20:.2f} MiB of state on the block matrices against "
                   f"{matched['spam_sparse_bytes'] / 2**20:.2f} MiB for spam-sparse (moments and 1-bit masks)"
                   + (f"; GaLore entries without a rank of their own run at rank {matched['galore_rank']}."
