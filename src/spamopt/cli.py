@@ -12,6 +12,7 @@ import os
 import sys
 from pathlib import Path
 
+from spamopt import __version__
 from spamopt.experiments.harness.command import Command, discover
 
 GROUP_HELP = {"spikes": "gradient-spike telemetry"}
@@ -35,6 +36,7 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
     """One subcommand per command; a two-word path makes a command group (``spamopt spikes report``)."""
     parser = argparse.ArgumentParser(prog="spamopt", description="SPAM optimizer tools")
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    parser.add_argument("--version", action="version", version=f"spamopt {__version__}")
     top = parser.add_subparsers(dest="command", required=True)
     groups: dict[str, argparse._SubParsersAction] = {}
     for command in commands:

@@ -238,3 +238,10 @@ def test_refused_family_commands_leave_no_run_folder(tmp_path, command):
     result = _cli(*command, "--out-dir", "out", cwd=tmp_path)
     assert result.returncode in (1, 2) and result.stderr.strip().splitlines()[-1].startswith("spamopt: error: ")
     assert [path for path in (tmp_path / "out").rglob("*") if path.is_file()] == []
+
+
+def test_the_cli_says_its_version(tmp_path):
+    import spamopt
+
+    result = _cli("--version", cwd=tmp_path)
+    assert result.returncode == 0 and result.stdout.strip() == f"spamopt {spamopt.__version__}"
