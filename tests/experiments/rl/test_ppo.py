@@ -114,3 +114,12 @@ def test_compare_writes_report_and_reuses_runs(tmp_path):
 def test_optimizer_with_its_own_clipper_is_refused(tmp_path):
     with pytest.raises(ValueError, match="Invalid optimizer value: 'adam-clip'.*max_grad_norm"):
         build_ppo(_short(tmp_path, optimizer="adam-clip"))
+
+
+def test_mujoco_warnings_become_python_warnings_not_a_log_file(tmp_path, monkeypatch):
+    """MuJoCo appends its warnings (HalfCheetah's model uses a deprecated attribute) to MUJOCO_LOG.TXT in the
+    working directory; building the PPO run routes them to Python's warnings and leaves no file there."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.warns(UserWarning, match="MuJoCo: .*deprecated"):
+        build_ppo(_short(tmp_path, env="HalfCheetah-v5"))
+    assert not (tmp_path / "MUJOCO_LOG.TXT").exists()

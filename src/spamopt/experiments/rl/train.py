@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import multiprocessing
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from typing import Any, ClassVar
 
@@ -86,7 +87,9 @@ def _policy_layout(hidden: int) -> ModelLayout:
 def build_ppo(config: RLConfig) -> tuple[Any, Any, dict[str, Any]]:
     """(PPO with the named optimizer, the evaluation environment, the optimizer's options)."""
     sb3 = require("stable_baselines3", "rl", "stable-baselines3")
-    require("mujoco", "rl", "gymnasium[mujoco]")
+    mujoco = require("mujoco", "rl", "gymnasium[mujoco]")
+    # MuJoCo's own handler appends every warning to MUJOCO_LOG.TXT in the user's working directory.
+    mujoco.set_mju_user_warning(lambda message: warnings.warn(f"MuJoCo: {message}", stacklevel=2))
     from stable_baselines3.common.env_util import make_vec_env
     from stable_baselines3.common.vec_env import VecNormalize
 
