@@ -180,6 +180,15 @@ def test_resume_refuses_changed_settings_and_allows_the_free_ones(tmp_path):
     assert not start.resume and start.clear  # the same run, no checkpoint yet: it begins again at step 0
 
 
+def test_resume_with_overwrite_continues_a_matching_run_and_replaces_a_differing_one(tmp_path):
+    _begun(tmp_path)
+    (tmp_path / "run" / checkpoint.CHECKPOINT).write_bytes(b"stands for a checkpoint")
+    same = plan(Run(str(tmp_path / "run"), steps=20, resume=True, overwrite=True))
+    assert same.resume and not same.clear
+    other = plan(Run(str(tmp_path / "run"), lr=1e-2, resume=True, overwrite=True))
+    assert other.clear and not other.resume
+
+
 def test_overwrite_removes_the_runs_outputs_and_nothing_else(tmp_path):
     _begun(tmp_path)
     run = Run(str(tmp_path / "run"), lr=1e-2, overwrite=True)

@@ -73,6 +73,19 @@ def test_resume_may_change_the_length_and_the_cadences_without_changing_the_resu
     assert_same_checkpoint(Path(whole.run_dir) / "checkpoint.pt", Path(part.run_dir) / "checkpoint.pt")
 
 
+def test_extending_a_run_follows_the_new_length_of_the_cosine_schedule(small_run):
+    """A 5-step run resumed with --steps 8: steps 6-8 use the learning rate of an 8-step schedule."""
+    from spamopt.experiments.harness.schedule import lr_multiplier
+
+    part = replace(small_run, optimizer="adamw", steps=5, checkpoint_every=5)
+    train(part)
+    train(replace(part, steps=8, resume=True))
+    logged = {r["step"]: r["lr"] for r in _records(part.run_dir) if "lr" in r}
+    for step in (6, 7, 8):
+        expected = part.lr * lr_multiplier(step - 1, part.warmup_steps, 8, part.min_lr_ratio)
+        assert logged[step] == pytest.approx(expected, rel=1e-12)
+
+
 def test_a_corrupted_checkpoint_is_not_resumed_the_previous_one_is(small_run, tmp_path):
     """400 bytes flipped inside a tensor of the newest checkpoint (step 6) used to resume silently with weights
     off by 7e5. Now the checksum fails, the run resumes from the previous checkpoint (step 3) with a warning, and

@@ -226,6 +226,11 @@ def _resume(run: Run) -> dict[str, Any]:
     saved = checkpoint.load(run.checkpoint_path, model=run.model, optimizer=run.setup.optimizer,
                             distributed=run.processes.distributed)
     run.scheduler.load_state_dict(saved["scheduler"])
+    # The schedule is a function of the run's length, which --steps may have changed: the next step's rate is
+    # the new schedule's (for an unchanged length, the value the checkpoint holds).
+    scheduler = run.scheduler
+    for group, base, rule in zip(run.setup.optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base * rule(scheduler.last_epoch)
     if run.setup.clipper is not None:
         run.setup.clipper.load_state_dict(saved["clipper"])
     torch.set_rng_state(saved["rng"])
