@@ -198,9 +198,10 @@ def main() -> None:
             print(f"{name:<28}{row['ms_per_step']:>10.2f}{row['vs_floor']:>10.2f}{row['vs_adamw_fused']:>10.2f}"
                   f"{row['vs_adamw_foreach']:>12.2f}{row['state_bytes'] / 2**20:>11.1f}"
                   f"{row.get('peak_extra_bytes', float('nan')) / 2**20:>16.1f}{row['first_step_s']:>14.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2))
-    print(f"\nwrote {args.out}")
+        # after every model, so that a run stopped at a time limit keeps the models it finished
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(report, indent=2))
+        print(f"\nwrote {args.out}", flush=True)
 
 
 if __name__ == "__main__":

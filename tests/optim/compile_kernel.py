@@ -1,5 +1,6 @@
 """Build SPAM's fused kernel for an H100 (sm_90) with Triton's compiler and ptxas, no GPU needed, and print as
-JSON cuobjdump's resource usage and the count of each global load/store instruction in the PTX (per thread).
+JSON cuobjdump's resource usage and the count of each global load/store instruction and of each square root,
+division, reciprocal and fused multiply-add instruction in the PTX (per thread).
 Run in a process without TRITON_INTERPRET (the kernel must be a JIT function):
 
     python tests/optim/compile_kernel.py float32 dense aligned
@@ -38,7 +39,8 @@ def main(dtype_name: str, layout: str, alignment: str) -> None:
     names = kernel.arg_names
     source = ASTSource(kernel, {n: KINDS.get(n, "constexpr") for n in names},
                        constexprs={(names.index(k),): v for k, v in constants.items()})
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": fused.NUM_WARPS})
+    options = {"num_warps": fused.NUM_WARPS, **fused.COMPILE_OPTIONS}  # as fused_spam launches it
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
     tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
         cubin.write(compiled.asm["cubin"])
@@ -46,8 +48,10 @@ def main(dtype_name: str, layout: str, alignment: str) -> None:
         usage = subprocess.run([os.path.join(tools, "cuobjdump"), "-res-usage", cubin.name], capture_output=True,
                                text=True, check=True).stdout
     accesses = collections.Counter(re.findall(r"\b((?:ld|st)\.global[\w.]*)", compiled.asm["ptx"]))
+    rounding = collections.Counter(re.findall(r"\b((?:sqrt|div|rcp|fma)\.[\w.]*)", compiled.asm["ptx"]))
     print(json.dumps({"usage": next(line.strip() for line in usage.splitlines() if "REG:" in line),
-                      "accesses": accesses, "threads": 32 * fused.NUM_WARPS, "block": fused.CHUNK}))
+                      "accesses": accesses, "arithmetic": rounding, "threads": 32 * fused.NUM_WARPS,
+                      "block": fused.CHUNK}))
 
 
 if __name__ == "__main__":
