@@ -289,3 +289,41 @@ def _roundtrip(state, tmp_path):
     path = tmp_path / "monitor.pt"
     torch.save(state, path)
     return path
+
+
+def test_loss_spike_rule_flags_a_jump_over_noise_once():
+    """The rule on a noisy, slowly falling loss: nothing is flagged until the planted jump of 0.5 nats at step
+    120 (held for 3 steps, reported once, at its first step); a rise smaller than 0.05 nats is never a spike
+    however quiet the history."""
+    from spamopt.spikes.report import loss_spikes
+
+    rng = np.random.default_rng(0)
+    losses = [(s, 5.0 - 0.002 * s + 0.01 * rng.standard_normal()) for s in range(1, 201)]
+    losses[119:122] = [(s, v + 0.5) for s, v in losses[119:122]]
+    assert [e["step"] for e in loss_spikes(losses)] == [120]
+    flat = [(s, 3.0) for s in range(1, 80)] + [(80, 3.04)]
+    assert loss_spikes(flat) == []
+
+
+def test_report_traces_a_loss_spike_to_the_layer_whose_gradient_spiked_first(tmp_path):
+    """A gradient spike planted in one layer at step 90, then in another at step 91, and the loss jumping at
+    step 92: the report's loss-spike section lists step 92, the first layer first (at step 90), then the
+    second (at 91), and no other tensor (their gradient norms did not jump)."""
+    rng = np.random.default_rng(1)
+    named = _named(SHAPES)
+    planted = {90: "layers.0.attn.q.weight", 91: "head.weight"}
+    with SpikeMonitor(named, tmp_path, flush_every=10) as monitor:
+        for step in range(1, 121):
+            for name, p in named:
+                scale = 1000.0 if planted.get(step) == name else 1.0
+                p.grad = torch.from_numpy(_stationary(rng, p.shape) * scale)
+            loss = 4.0 - 0.001 * step + 0.01 * rng.standard_normal() + (1.0 if step == 92 else 0.0)
+            monitor.observe(loss=loss)
+    summary = summarize(load_records(tmp_path))
+    assert [e["step"] for e in summary["loss_spikes"]] == [92]
+    text = build_report(tmp_path).read_text()
+    section = text[text.index("## Loss spikes"):]
+    assert "### Step 92" in section
+    rows = [line for line in section.splitlines() if line.startswith("| 9")]
+    assert len(rows) == 2, rows
+    assert rows[0].startswith("| 90 | `layers.0.attn.q.weight`") and rows[1].startswith("| 91 | `head.weight`")

@@ -45,6 +45,7 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         spikes_per_step[r["step"]][kind] += r["spikes"]
         max_gss = max(max_gss, r["max_gss"])
     optimizer = [r for r in records if r["kind"] == "optimizer"]
+    losses = [(r["step"], r["loss"]) for r in records if r["kind"] == "loss"]
     return {
         "threshold": meta["threshold"],
         "by_type": {k: v for k, v in by_type.items() if v["numel"]},
@@ -52,12 +53,59 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "by_depth": dict(by_depth),
         "spikes_per_step": {s: dict(v) for s, v in sorted(spikes_per_step.items())},
         "max_gss": max_gss,
-        "loss": [(r["step"], r["loss"]) for r in records if r["kind"] == "loss"],
+        "loss": losses,
+        "loss_spikes": loss_spikes(losses),
         "clipped": sum(sum(r["clipped"].values()) for r in optimizer),
         "resets": [r["step"] for r in optimizer if r["reset"]],
         "skipped": [r["step"] for r in optimizer if r["skipped"]],
         "histogram": _histogram(records, meta),
     }
+
+
+def loss_spikes(losses: list[tuple[int, float]], window: int = 50, deviations: float = 6.0,
+                min_rise: float = 0.05) -> list[dict[str, float]]:
+    """Steps where the loss spikes: it exceeds the median of the previous ``window`` losses by more than
+    ``deviations`` robust standard deviations (1.4826 × the median absolute deviation, the standard deviation
+    of Gaussian noise) and by at least ``min_rise`` nats. A run of consecutive such steps is one spike, at its
+    first step. Each: ``{"step", "loss", "median", "rise"}``."""
+    import statistics
+
+    found: list[dict[str, float]] = []
+    previous_flagged = False
+    for i in range(window, len(losses)):
+        history = [value for _, value in losses[i - window:i]]
+        median = statistics.median(history)
+        spread = 1.4826 * statistics.median(abs(value - median) for value in history)
+        step, value = losses[i]
+        flagged = value - median > max(deviations * spread, min_rise)
+        if flagged and not previous_flagged:
+            found.append({"step": step, "loss": value, "median": median, "rise": value - median})
+        previous_flagged = flagged
+    return found
+
+
+JUMP_Z = 3.0  # a tensor's gradient "jumped" at a step when its norm is this many standard deviations above its mean
+
+
+def precursors(records: list[dict[str, Any]], step: int, lookback: int) -> list[dict[str, Any]]:
+    """The tensors whose gradient norm jumped (z-score >= :data:`JUMP_Z` against the tensor's running mean and
+    standard deviation) in the ``lookback`` steps up to and including ``step``, in the order they first did
+    (largest z first within a step): ``{"name", "first", "max_norm_z", "spikes", "max_gss"}``, the last two
+    over the same steps (spiking coordinates, GSS above the threshold; 0 for tensors in tensor mode). A
+    z-score, unlike a spike count, does not flag the embedding rows of rare tokens, which spike every step."""
+    window = [r for r in records if r["kind"] == "tensor" and step - lookback <= r["step"] <= step]
+    jumped = {}
+    for r in sorted(window, key=lambda r: (r["step"], -r["norm_z"])):
+        if r["norm_z"] >= JUMP_Z and r["name"] not in jumped:
+            jumped[r["name"]] = {"name": r["name"], "first": r["step"], "max_norm_z": r["norm_z"], "spikes": 0,
+                                 "max_gss": 0.0}
+    for r in window:
+        entry = jumped.get(r["name"])
+        if entry is not None:
+            entry["max_norm_z"] = max(entry["max_norm_z"], r["norm_z"])
+            entry["spikes"] += r.get("spikes", 0)
+            entry["max_gss"] = max(entry["max_gss"], r.get("max_gss", 0.0))
+    return list(jumped.values())
 
 
 def _histogram(records, meta):
@@ -87,6 +135,9 @@ def _plots(records, summary, out: Path) -> list[Path]:
         if marked:
             top.scatter(marked, [loss_at[s] for s in marked], color="tab:red", s=14, zorder=3,
                         label=f"step with GSS > {summary['threshold']:g}")
+        if summary["loss_spikes"]:
+            top.scatter([e["step"] for e in summary["loss_spikes"]], [e["loss"] for e in summary["loss_spikes"]],
+                        marker="v", s=60, facecolors="none", edgecolors="black", zorder=4, label="loss spike")
         for step in summary["resets"]:
             top.axvline(step, color="grey", lw=0.6, ls=":")
         top.legend(loc="upper right")
@@ -141,6 +192,37 @@ def _plots(records, summary, out: Path) -> list[Path]:
     return paths
 
 
+PRECURSOR_STEPS = 5  # how far before a loss spike the report looks for the gradients that led it
+_PRECURSORS_LISTED = 8
+
+
+def _loss_spike_section(records, summary) -> list[str]:
+    spikes = summary["loss_spikes"]
+    lines = ["", "## Loss spikes", "",
+             "A loss spike: a step whose training loss exceeds the median of the previous 50 steps by more than "
+             "6 robust standard deviations (1.4826 × the median absolute deviation) and by at least 0.05 nats; "
+             "consecutive such steps count once. Below each: the tensors whose gradient norm jumped "
+             f"({JUMP_Z:g} or more standard deviations above its running mean) in the {PRECURSOR_STEPS} steps "
+             "before it (and at it), in the order they first did, with their spiking coordinates over those "
+             "steps.", ""]
+    if not spikes:
+        return lines + [f"None in {len(summary['loss'])} logged steps."]
+    for spike in spikes:
+        lines += [f"### Step {spike['step']}: loss {spike['loss']:.4f}, {spike['rise']:+.4f} over the median", ""]
+        found = precursors(records, spike["step"], PRECURSOR_STEPS)
+        if not found:
+            lines += ["No gradient norm jumped in the steps before it.", ""]
+            continue
+        lines += ["| first jump | tensor | largest gradient-norm z | spiking coordinates | largest GSS |",
+                  "| ---: | --- | ---: | ---: | ---: |"]
+        lines += [f"| {e['first']} | `{e['name']}` | {e['max_norm_z']:.1f} | {e['spikes']:,} | {e['max_gss']:.0f} |"
+                  for e in found[:_PRECURSORS_LISTED]]
+        if len(found) > _PRECURSORS_LISTED:
+            lines.append(f"| | {len(found) - _PRECURSORS_LISTED} more tensors | | | |")
+        lines.append("")
+    return lines
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Write the PNG plots and ``report.md`` into ``run_dir``; returns the markdown path."""
     run_dir = Path(run_dir)
@@ -167,6 +249,7 @@ def build_report(run_dir: str | Path) -> Path:
     lines += ["", f"Optimizer: {summary['clipped']:,} coordinates clipped, resets at steps "
               f"{summary['resets'] or 'none'}, skipped steps {summary['skipped'] or 'none'}.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in images]
+    lines += _loss_spike_section(records, summary)
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

@@ -26,3 +26,33 @@ def test_model_parameters_match_declared_shapes_and_forward_is_causal():
     changed = tokens.clone()
     changed[:, 8:] = (changed[:, 8:] + 1) % 256
     torch.testing.assert_close(model(tokens)[:, :8], model(changed)[:, :8])  # the future cannot leak back
+
+
+def test_qk_norm_adds_the_declared_weights_and_makes_attention_blind_to_the_scale_of_q_and_k():
+    """With qk-layernorm each head's queries and keys are RMS-normalised before the rotary embedding, so
+    scaling W_q and W_k (what attention-logit growth does) leaves the model's output unchanged; without it the
+    output moves. The two head_dim weights per block are in the declared shapes (and count as norm weights)."""
+    from dataclasses import replace
+
+    from spamopt.spikes.layers import layer_type
+
+    config = replace(CONFIGS["tiny"], qk_norm=True)
+    torch.manual_seed(0)
+    model = Llama(config)
+    shapes = config.parameter_shapes()
+    assert {n: tuple(p.shape) for n, p in model.named_parameters()} == shapes
+    assert shapes["layers.0.attn.q_norm.weight"] == (16,) and layer_type("layers.0.attn.q_norm.weight") == "norm"
+    tokens = torch.randint(0, 256, (2, 12))
+    for qk_norm in (True, False):
+        torch.manual_seed(0)
+        model = Llama(replace(config, qk_norm=qk_norm))
+        before = model(tokens)
+        with torch.no_grad():
+            for block in model.layers:
+                block.attn.q.weight.mul_(30.0)
+                block.attn.k.weight.mul_(30.0)
+        after = model(tokens)
+        if qk_norm:
+            torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+        else:
+            assert (after - before).abs().max() > 1e-2

@@ -242,3 +242,30 @@ def test_a_quantised_model_trains_and_resumes_bit_exactly(small_run, quant, monk
     monkeypatch.setattr(train_module.checkpoint, "save", save)
     train(replace(base, resume=True))
     assert_same_checkpoint(Path(whole.run_dir) / "checkpoint.pt", Path(base.run_dir) / "checkpoint.pt")
+
+
+def test_z_loss_term_is_the_mean_squared_log_normaliser():
+    """Against a float64 transcription of PaLM's z-loss: mean over positions of (log Σ_j exp(logit_j))²."""
+    from spamopt.experiments.lm.train import z_loss_term
+
+    logits = torch.randn(6, 11, generator=torch.Generator().manual_seed(0)) * 5
+    expected = sum(math.log(sum(math.exp(x) for x in row)) ** 2 for row in logits.double().tolist()) / 6
+    assert z_loss_term(logits).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_z_loss_and_qk_norm_take_effect_and_losses_stay_the_cross_entropy(small_run):
+    """z_loss changes the update (the weights after a step differ) but not what is reported: the first step's
+    loss, from the same initial weights and batch, is the same cross-entropy with and without it. qk_norm
+    puts its weights in the checkpoint. Both are off by default, and z_loss must be >= 0."""
+    with pytest.raises(ValueError, match="Invalid z_loss value: -1.0 .*>= 0"):
+        TrainConfig(z_loss=-1.0)
+    base = replace(small_run, optimizer="adamw", steps=2, eval_every=0, checkpoint_every=0)
+    plain, with_z = base, replace(base, z_loss=0.1, run_dir=base.run_dir + "-z")
+    normed = replace(base, qk_norm=True, run_dir=base.run_dir + "-qk")
+    for config in (plain, with_z, normed):
+        train(config)
+    first = [_records(c.run_dir)[0] for c in (plain, with_z)]
+    assert first[0]["step"] == first[1]["step"] == 1 and first[0]["train_loss"] == first[1]["train_loss"]
+    weights = [_weights(c.run_dir) for c in (plain, with_z, normed)]
+    assert not torch.equal(weights[0]["head.weight"], weights[1]["head.weight"])
+    assert "layers.0.attn.q_norm.weight" in weights[2] and "layers.0.attn.q_norm.weight" not in weights[0]

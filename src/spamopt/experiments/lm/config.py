@@ -17,6 +17,7 @@ class LlamaConfig:
     vocab: int = 32000
     max_positions: int = 1024
     norm_eps: float = 1e-6
+    qk_norm: bool = False  # RMSNorm over each head's queries and keys (qk-layernorm); adds two head_dim weights
 
     def parameter_shapes(self) -> dict[str, tuple[int, ...]]:
         """Names and shapes of every parameter (untied embedding and head, RMSNorm weights)."""
@@ -26,6 +27,9 @@ class LlamaConfig:
             prefix = f"layers.{layer}."
             for name in ("q", "k", "v", "o"):
                 shapes[f"{prefix}attn.{name}.weight"] = (h, h)
+            if self.qk_norm:
+                shapes[f"{prefix}attn.q_norm.weight"] = (h // self.heads,)
+                shapes[f"{prefix}attn.k_norm.weight"] = (h // self.heads,)
             shapes[f"{prefix}mlp.gate.weight"] = (i, h)
             shapes[f"{prefix}mlp.up.weight"] = (i, h)
             shapes[f"{prefix}mlp.down.weight"] = (h, i)

@@ -1,4 +1,6 @@
-"""The LLaMA architecture: RMSNorm, rotary embeddings, SwiGLU MLP, untied head, causal SDPA attention.
+"""The LLaMA architecture: RMSNorm, rotary embeddings, SwiGLU MLP, untied head, causal SDPA attention, and
+optionally qk-layernorm (an RMSNorm over each head's queries and keys before the rotary embedding, which bounds
+the attention logits: Wortsman et al. 2023's mitigation of attention-logit growth).
 Parameter names match :meth:`LlamaConfig.parameter_shapes`."""
 
 from __future__ import annotations
@@ -33,11 +35,18 @@ class Attention(nn.Module):
         h = config.hidden
         self.heads = config.heads
         self.q, self.k, self.v, self.o = (nn.Linear(h, h, bias=False) for _ in range(4))
+        if config.qk_norm:
+            self.q_norm = RMSNorm(h // config.heads, config.norm_eps)
+            self.k_norm = RMSNorm(h // config.heads, config.norm_eps)
+        self.qk_norm = config.qk_norm
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
         b, t, h = x.shape
         split = lambda y: y.view(b, t, self.heads, h // self.heads).transpose(1, 2)  # noqa: E731
-        q, k = _rotary(split(self.q(x)), cos, sin), _rotary(split(self.k(x)), cos, sin)
+        q, k = split(self.q(x)), split(self.k(x))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
         out = F.scaled_dot_product_attention(q, k, split(self.v(x)), is_causal=True)
         return self.o(out.transpose(1, 2).reshape(b, t, h))
 

@@ -58,6 +58,11 @@ class TrainConfig:
     warmup_steps: int = option(20, "linear LR warmup steps, then cosine decay to min_lr_ratio × lr")
     min_lr_ratio: float = option(0.1, "final LR as a fraction of the peak")
     grad_clip: float = option(0.0, "global-norm gradient clipping for any optimizer; 0: off")
+    qk_norm: bool = option(False, "RMSNorm on each head's queries and keys (qk-layernorm: bounds the attention "
+                                  "logits, the known remedy for their growth at high learning rates)")
+    z_loss: float = option(0.0, "train on cross-entropy + z_loss × mean(log Z)², Z the softmax normaliser "
+                                "(PaLM's z-loss, against output-logit divergence); losses reported stay the "
+                                "cross-entropy")
     seed: int = option(0, "seed of the initial weights and the data order")
     eval_every: int = option(50, "validation every k steps (and at the end); 0: only at the end")
     eval_tokens: int = option(65_536, "validation tokens per evaluation")
@@ -91,6 +96,7 @@ class TrainConfig:
             "warmup_steps": (self.warmup_steps >= 0, ">= 0"),
             "min_lr_ratio": (0 <= self.min_lr_ratio <= 1, "in [0, 1]"),
             "grad_clip": (self.grad_clip >= 0, ">= 0"),
+            "z_loss": (self.z_loss >= 0, ">= 0 (0: off)"),
             "eval_every": (self.eval_every >= 0, ">= 0 (0: only at the end)"),
             "checkpoint_every": (self.checkpoint_every >= 0, ">= 0 (0: only at the end)"),
             "log_every": (self.log_every >= 1, ">= 1"),
@@ -133,10 +139,21 @@ def model_on_cuda(model: nn.Module) -> bool:
     return next(model.parameters()).is_cuda
 
 
-def _loss(model: nn.Module, batch: Tensor, autocast: Any) -> Tensor:
+def _logits_and_loss(model: nn.Module, batch: Tensor, autocast: Any) -> tuple[Tensor, Tensor]:
+    """fp32 logits of every position but the last (flattened) and their mean next-token cross-entropy."""
     with autocast:
         logits = model(batch[:, :-1])
-    return F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+    logits = logits.float().flatten(0, 1)
+    return logits, F.cross_entropy(logits, batch[:, 1:].flatten())
+
+
+def _loss(model: nn.Module, batch: Tensor, autocast: Any) -> Tensor:
+    return _logits_and_loss(model, batch, autocast)[1]
+
+
+def z_loss_term(logits: Tensor) -> Tensor:
+    """mean over positions of (log Z)², log Z = logsumexp of a position's logits (PaLM's auxiliary loss)."""
+    return torch.logsumexp(logits, dim=-1).pow(2).mean()
 
 
 @torch.no_grad()
@@ -200,7 +217,7 @@ def _set_up(config: TrainConfig) -> Run:
         data = prepare(data_config, config.cache_dir)  # the cache rank 0 wrote
 
     torch.manual_seed(config.seed)  # same initial weights on every process
-    model_config = replace(CONFIGS[config.model], vocab=data.vocab_size,
+    model_config = replace(CONFIGS[config.model], vocab=data.vocab_size, qk_norm=config.qk_norm,
                            max_positions=max(config.seq_len, CONFIGS[config.model].max_positions))
     model = Llama(model_config).to(processes.device)
     quantize_model(model, config.quant, lambda name, m: is_block_matrix(f"{name}.weight", m.weight.shape))
@@ -287,9 +304,10 @@ def _forward_backward(run: Run, windows: TokenWindows, step: int) -> Tensor:
         batch = windows.batch(first, run.micro).to(processes.device)
         sync = m == run.accumulation - 1 or not hasattr(model, "no_sync")
         with nullcontext() if sync else model.no_sync():
-            loss = _loss(model, batch, run.autocast) / run.accumulation
-            loss.backward()
-        step_loss += loss.detach()
+            logits, loss = _logits_and_loss(model, batch, run.autocast)
+            objective = loss + config.z_loss * z_loss_term(logits) if config.z_loss else loss
+            (objective / run.accumulation).backward()
+        step_loss += loss.detach() / run.accumulation
     return step_loss
 
 
