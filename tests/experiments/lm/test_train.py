@@ -269,3 +269,25 @@ def test_z_loss_and_qk_norm_take_effect_and_losses_stay_the_cross_entropy(small_
     weights = [_weights(c.run_dir) for c in (plain, with_z, normed)]
     assert not torch.equal(weights[0]["head.weight"], weights[1]["head.weight"])
     assert "layers.0.attn.q_norm.weight" in weights[2] and "layers.0.attn.q_norm.weight" not in weights[0]
+
+
+def test_compiled_blocks_train_like_eager_and_checkpoints_are_interchangeable(small_run):
+    """--compile on: each block goes through torch.compile, the losses match eager's to float rounding, the
+    checkpoint has exactly the eager run's keys and shapes, and a compiled run resumes eager (--compile is free
+    on resume). auto leaves a model under 5M parameters eager; a bad value names the accepted ones."""
+    from spamopt.optim.compiled import compiled_available
+
+    with pytest.raises(ValueError, match="Invalid compile value: 'maybe' .*'on', 'off' or 'auto'"):
+        TrainConfig(compile="maybe")
+    if not compiled_available("cpu"):
+        pytest.skip("torch.compile needs a C++ compiler")
+    eager = replace(small_run, optimizer="adamw", steps=4, eval_every=0, checkpoint_every=2)
+    compiled = replace(eager, compile="on", run_dir=eager.run_dir + "-compiled")
+    assert train(eager)["compiled"] is False  # auto, 164K parameters
+    assert train(compiled)["compiled"] is True
+    losses = [[r["train_loss"] for r in _records(c.run_dir) if "train_loss" in r] for c in (eager, compiled)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    weights = [_weights(c.run_dir) for c in (eager, compiled)]
+    assert {k: v.shape for k, v in weights[0].items()} == {k: v.shape for k, v in weights[1].items()}
+    assert train(replace(compiled, steps=6, compile="off", resume=True))["compiled"] is False
+    assert [r["step"] for r in _records(compiled.run_dir) if "train_loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from spamopt.extras import require
 
+from ...optim import compiled
 from ..harness import checkpoint
 from ..harness.config import check_fields, option
 from ..harness.memory import step_peak_memory
@@ -60,6 +61,9 @@ class TrainConfig:
     grad_clip: float = option(0.0, "global-norm gradient clipping for any optimizer; 0: off")
     qk_norm: bool = option(False, "RMSNorm on each head's queries and keys (qk-layernorm: bounds the attention "
                                   "logits, the known remedy for their growth at high learning rates)")
+    compile: str = option("auto", "torch.compile each block: on, off, or auto (on where torch.compile can build "
+                                  "kernels, a C++ compiler or Triton on CUDA, for models of 5M+ parameters); "
+                                  "state dict keys and checkpoints are the same either way")
     z_loss: float = option(0.0, "train on cross-entropy + z_loss × mean(log Z)², Z the softmax normaliser "
                                 "(PaLM's z-loss, against output-logit divergence); losses reported stay the "
                                 "cross-entropy")
@@ -81,9 +85,11 @@ class TrainConfig:
 
     # What --resume may change: the run's length (the cosine schedule follows the new one from there on),
     # cadences that neither read nor advance the RNG or the data (tested in tests/experiments/lm/test_faults.py),
-    # and DDP vs FSDP2 (full state dicts reshard; the same global batch either way).
+    # DDP vs FSDP2 (full state dicts reshard; the same global batch either way), and compiling (the same
+    # arithmetic in other kernels: it changes rounding, as another machine would, so a run whose compilation
+    # fails can go on eager).
     FREE_ON_RESUME: ClassVar[frozenset[str]] = frozenset({"steps", "eval_every", "log_every", "checkpoint_every",
-                                                          "cache_dir", "parallel"})
+                                                          "cache_dir", "parallel", "compile"})
 
     def __post_init__(self) -> None:
         checks = {
@@ -102,6 +108,7 @@ class TrainConfig:
             "log_every": (self.log_every >= 1, ">= 1"),
             "parallel": (self.parallel in ("ddp", "fsdp"), "'ddp' or 'fsdp'"),
             "quant": (self.quant in SCHEMES, f"one of {', '.join(SCHEMES)}"),
+            "compile": (self.compile in ("on", "off", "auto"), "'on', 'off' or 'auto'"),
         }
         check_fields(self, checks)
 
@@ -133,6 +140,29 @@ def _wrap(model: nn.Module, config: TrainConfig, processes: Processes) -> nn.Mod
         fully_shard(block, mesh=mesh)
     fully_shard(model, mesh=mesh)
     return model
+
+
+# Measured on 2 CPU cores (BENCHMARKS.md, benchmarks/model_speed.py): compiled blocks train the 2.5M `mini` only
+# 1.02x faster (matrix products are 2/3 of its step and compiling cannot speed them up), a 9M model 1.08x, after
+# 11-16 s of compilation; so auto compiles from 5M parameters, where runs are long enough to repay it.
+COMPILE_MIN_PARAMETERS = 5_000_000
+
+
+def compile_blocks(model: Llama, config: TrainConfig, device: torch.device) -> bool:
+    """Compile each transformer block in place (``nn.Module.compile``: parameter names, state dicts and
+    checkpoints unchanged; identical blocks share one compiled graph) when ``config.compile`` asks for it;
+    returns whether it did. Done before DDP or FSDP2 wraps the blocks, as torchtitan does."""
+    available = compiled.compiled_available(device.type)
+    if config.compile == "on" and not available:
+        raise ValueError(f"Invalid compile value: 'on' (torch.compile cannot build kernels on {device.type} here: "
+                         "it needs a C++ compiler on the CPU, Triton on CUDA; use 'off' or 'auto')")
+    parameters = sum(p.numel() for p in model.parameters())
+    use = config.compile == "on" or (config.compile == "auto" and available
+                                     and parameters >= COMPILE_MIN_PARAMETERS)
+    if use:
+        for block in model.layers:
+            block.compile()
+    return use
 
 
 def model_on_cuda(model: nn.Module) -> bool:
@@ -193,6 +223,7 @@ class Run:
     setup: OptimizerSetup
     scheduler: torch.optim.lr_scheduler.LambdaLR
     autocast: Any
+    compiled: bool  # the blocks run through torch.compile
 
     @property
     def checkpoint_path(self) -> Path:
@@ -221,6 +252,7 @@ def _set_up(config: TrainConfig) -> Run:
                            max_positions=max(config.seq_len, CONFIGS[config.model].max_positions))
     model = Llama(model_config).to(processes.device)
     quantize_model(model, config.quant, lambda name, m: is_block_matrix(f"{name}.weight", m.weight.shape))
+    is_compiled = compile_blocks(model, config, processes.device)
     model = _wrap(model, config, processes)
     core = model.module if hasattr(model, "module") else model
     setup = build_optimizer(config.optimizer, core, optimizer_layout(model_config), lr=config.lr,
@@ -233,7 +265,7 @@ def _set_up(config: TrainConfig) -> Run:
     processes.barrier()
     return Run(config, processes, start, run_dir, micro, config.batch_size // (micro * processes.world), data, model,
                sum(math.prod(shape) for shape in model_config.parameter_shapes().values()), setup, scheduler,
-               autocast)
+               autocast, is_compiled)
 
 
 def _resume(run: Run) -> dict[str, Any]:
@@ -402,6 +434,7 @@ def _summarize(run: Run, val_loss: float, peak: dict[str, Any],
         "val_loss": val_loss, "val_perplexity": perplexity(val_loss),
         "optimizer_state_bytes_per_process": state_bytes(run.setup.optimizer),
         "parameters": run.parameters, "processes": run.processes.world, "device": str(run.processes.device),
+        "compiled": run.compiled,
     }
     if peak:  # the run's second step, per process
         summary.update(peak_step_memory_bytes=peak["bytes"], peak_step_memory_method=peak["method"])
