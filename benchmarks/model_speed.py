@@ -5,7 +5,7 @@ For each size, three modes train the same model (same initial weights, same rand
 the whole model compiled. The table gives tokens per second over the steps after ``--warmup`` (median of
 per-step times), the ratios to eager, and the compile time (a mode's first steps minus eager's). Writes JSON.
 
-    python benchmarks/model_speed.py                         # tiny, mini and 10m on this CPU
+    python benchmarks/model_speed.py                         # tiny, mini and small on this CPU
     python benchmarks/model_speed.py --models mini --steps 40 --batch 16 --seq 128
 """
 
@@ -25,10 +25,7 @@ import torch.nn.functional as F
 from spamopt.experiments.lm.config import CONFIGS, LlamaConfig
 from spamopt.experiments.lm.model import Llama
 
-# A ~10M-parameter LLaMA (9.0M with the 8k vocabulary): the size the issue's spike search reaches on 2 cores.
 MODES = ("eager", "blocks", "whole")
-SIZES = {**CONFIGS, "10m": LlamaConfig(hidden=256, intermediate=688, layers=6, heads=4, vocab=8192,
-                                       max_positions=256)}
 
 
 def _timed_steps(config: LlamaConfig, mode: str, batches: list[torch.Tensor]) -> list[float]:
@@ -52,7 +49,7 @@ def _timed_steps(config: LlamaConfig, mode: str, batches: list[torch.Tensor]) ->
 
 
 def measure(name: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
-    config = replace(SIZES[name], max_positions=max(seq, SIZES[name].max_positions))
+    config = replace(CONFIGS[name], max_positions=max(seq, CONFIGS[name].max_positions))
     gen = torch.Generator().manual_seed(0)
     batches = [torch.randint(0, config.vocab, (batch, seq + 1), generator=gen) for _ in range(steps)]
     tokens = batch * seq
@@ -71,7 +68,7 @@ def measure(name: str, steps: int, warmup: int, batch: int, seq: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["tiny", "mini", "10m"], choices=sorted(SIZES))
+    parser.add_argument("--models", nargs="+", default=["tiny", "mini", "small"], choices=sorted(CONFIGS))
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5, help="first steps left out (they compile)")
     parser.add_argument("--batch", type=int, default=16)

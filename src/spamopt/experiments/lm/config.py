@@ -1,4 +1,4 @@
-"""LLaMA shapes: the SPAM paper's reference configs (60m–1b) and two CPU sizes (tiny, mini)."""
+"""LLaMA shapes: the SPAM paper's reference configs (60m–1b) and three CPU sizes (tiny, mini, small)."""
 
 from __future__ import annotations
 
@@ -43,6 +43,8 @@ class LlamaConfig:
 CONFIGS: dict[str, LlamaConfig] = {
     "tiny": LlamaConfig(hidden=64, intermediate=172, layers=2, heads=4, vocab=256, max_positions=256),
     "mini": LlamaConfig(hidden=128, intermediate=344, layers=2, heads=4, vocab=8192, max_positions=256),
+    # the spike-regime search's CPU size: 9M parameters with an 8k vocabulary, 4.7M of them in the blocks
+    "small": LlamaConfig(hidden=256, intermediate=688, layers=6, heads=4, vocab=8192, max_positions=256),
     "60m": LlamaConfig(hidden=512, intermediate=1376, layers=8, heads=8),
     "130m": LlamaConfig(hidden=768, intermediate=2048, layers=12, heads=12),
     "350m": LlamaConfig(hidden=1024, intermediate=2736, layers=24, heads=16),

@@ -39,7 +39,7 @@ from .model import Llama
 class TrainConfig:
     """Everything a run depends on; saved as ``config.json`` in the run directory."""
 
-    model: str = option("mini", "model size: a key of CONFIGS (tiny, mini, 60m, 130m, 350m, 1b)")
+    model: str = option("mini", "model size: a key of CONFIGS (tiny, mini, small, 60m, 130m, 350m, 1b)")
     data: str = option("stdlib", "stdlib | files, directories, globs (comma-separated) | c4 | c4:GLOB")
     vocab_size: int = option(8192, "size of the byte-level BPE trained on the train split")
     tokenizer: str | None = option(None, "a tokenizer.json to use instead of training a BPE")
