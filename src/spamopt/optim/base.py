@@ -334,12 +334,17 @@ class SpikeAwareOptimizer(Optimizer):
                 if key in ("step", "skipped_steps") and isinstance(value, Real) and not isinstance(value, bool):
                     continue  # a plain number, as older torch versions saved counters
                 raise ValueError(f"Invalid state_dict: {where}'s {key!r} is a {type(value).__name__}, not a tensor")
-            if tuple(value.shape) != tuple(expected.shape):
+            shape = self._saved_shape(param, group, key, expected)
+            if tuple(value.shape) != shape:
                 raise ValueError(f"Invalid state_dict: {where}'s {key!r} has shape {tuple(value.shape)} where "
-                                 f"{tuple(expected.shape)} is expected (another model, or another density?)")
+                                 f"{shape} is expected (another model, or another density?)")
             if _dtype_kind(value.dtype) != _dtype_kind(expected.dtype):
                 raise ValueError(f"Invalid state_dict: {where}'s {key!r} is {value.dtype} where "
                                  f"{expected.dtype} is expected")
+
+    def _saved_shape(self, param: Tensor, group: dict[str, Any], key: str, fresh: Tensor) -> tuple[int, ...]:
+        """The shape ``state_dict`` gives the state entry ``key`` whose fresh value is ``fresh``."""
+        return tuple(fresh.shape)
 
     def _init_state(self, param: Tensor, group: dict[str, Any], completed: int | Tensor, ordinal: int) -> None:
         """Create ``self.state[param]`` before the parameter's first step; ``ordinal`` is its position."""

@@ -13,9 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import schedule, sparse
-from .base import (GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, check_number, is_distributed_tensor,
-                   local, moment_dtype, scalar_dtype, scalar_lr, validate_common)
+from . import schedule, sharding, sparse
+from .base import (GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, check_number, local,
+                   moment_dtype, scalar_dtype, scalar_lr, validate_common)
 from .functional import SpamStep, spam
 
 __all__ = ["SPAM"]
@@ -110,6 +110,8 @@ class SPAM(SpikeAwareOptimizer):
     round-trip it): ``step`` (bias-correction count ``k``), ``global_step`` (steps this optimizer completed,
     on the CPU: the reset clock), ``skipped_steps``, ``exp_avg``, ``exp_avg_sq``; sparse parameters also hold
     ``mask_bits`` (one bit per coordinate) and ``mask_seed``, and their moments are compact 1-D buffers.
+    Under FSDP2 a sparse matrix's rank keeps the whole mask and the moments of its own rows' kept coordinates;
+    ``state_dict`` saves the moments whole (a collective then), so checkpoints reshard (see :mod:`.sharding`).
 
     The step clock starts with the first step in which any parameter has a gradient. Sparse masks are drawn
     from ``torch.initial_seed()`` and the parameter's position, so seed every data-parallel rank alike.
@@ -189,19 +191,20 @@ class SPAM(SpikeAwareOptimizer):
 
     def _init_state(self, param: Tensor, group: dict[str, Any], completed: int | Tensor, ordinal: int) -> None:
         sparse_matrix = group["density"] < 1.0 and param.dim() == 2
-        if sparse_matrix and is_distributed_tensor(param):  # checked before any state exists
-            raise NotImplementedError("SPAM's sparse momentum (density < 1) does not support "
-                                      "sharded DTensor parameters (FSDP2); use density=1.0")
+        shard = sharding.row_shard(param) if sparse_matrix else None  # refuses other layouts before any state
         state = self.state[param]
         state["step"] = torch.zeros((), dtype=scalar_dtype(), device=param.device)
         state.update(self._new_clock(param, group, completed))
         if sparse_matrix:
             numel, dtype = _real_numel(param), param.real.dtype
             seed = sparse.param_seed(torch.initial_seed(), ordinal)
+            if shard is not None:
+                seed = sharding.broadcast_seed(seed, shard, param.device)
             generation = schedule.mask_generation(completed + 1, group["reset_interval"])
             state["mask_seed"] = torch.tensor(seed, dtype=torch.int64)
             state["mask_bits"] = sparse.draw_mask(numel, group["density"], seed, generation, param.device)
-            kept = sparse.kept_count(numel, group["density"])
+            kept = (sparse.kept_count(numel, group["density"]) if shard is None
+                    else sparse.count_kept(state["mask_bits"], shard.start, shard.end))
             state["exp_avg"] = torch.zeros(kept, dtype=moment_dtype(dtype), device=param.device)
             state["exp_avg_sq"] = torch.zeros(kept, dtype=moment_dtype(dtype), device=param.device)
         else:
@@ -223,8 +226,73 @@ class SPAM(SpikeAwareOptimizer):
                 seed = int(state["mask_seed"])
                 state["mask_bits"] = sparse.draw_mask(_real_numel(param), group["density"], seed, generation,
                                                       param.device)
-                state["exp_avg"].zero_()
-                state["exp_avg_sq"].zero_()
+                shard = sharding.row_shard(param)
+                if shard is None:
+                    state["exp_avg"].zero_()
+                    state["exp_avg_sq"].zero_()
+                else:  # the kept count inside this rank's rows changes with the draw (see .sharding)
+                    kept = sparse.count_kept(state["mask_bits"], shard.start, shard.end)
+                    for key in ("exp_avg", "exp_avg_sq"):
+                        state[key] = state[key].new_zeros(kept)
+
+    def _sharded_sparse(self, param: Tensor) -> tuple[dict[str, Any], sharding.RowShard] | None:
+        """The state and row range of a sparse matrix split across ranks (FSDP2), or None."""
+        state = self.state.get(param)
+        if not state or "mask_bits" not in state:
+            return None
+        shard = sharding.row_shard(param)
+        return None if shard is None else (state, shard)
+
+    def _fusable(self, param: Tensor) -> bool:
+        """The fused kernel indexes compact moments by whole strata from the tensor's start, which a shard
+        boundary need not respect: sparse matrices split across ranks take the foreach step instead."""
+        return super()._fusable(param) and self._sharded_sparse(param) is None
+
+    def _step_mask_bits(self, param: Tensor, state: dict[str, Any]) -> Tensor | None:
+        """The packed mask of the coordinates this process steps (its rows' part of the mask under FSDP2)."""
+        bits = state.get("mask_bits")
+        shard = None if bits is None else sharding.row_shard(param)
+        return bits if shard is None else sparse.slice_bits(bits, shard.start, shard.end)
+
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict``; under FSDP2 a sparse matrix's moments are saved whole (every
+        rank's kept coordinates in row order, as one process would hold them), so a checkpoint written by any
+        number of processes loads into any other. Then every rank must call this (it gathers)."""
+        saved = super().state_dict()
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, param in enumerate(params):
+            found = self._sharded_sparse(param)
+            if found is None:
+                continue
+            state, shard = found
+            offset = sparse.count_kept(state["mask_bits"], 0, shard.start)
+            whole = dict(saved["state"][index])  # a new dict: the saved one is the live state
+            for key in ("exp_avg", "exp_avg_sq"):
+                whole[key] = sharding.gather_compact(state[key], offset, shard)
+            saved["state"][index] = whole
+        return saved
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load, checked first (see the base class); under FSDP2 each rank keeps its rows' part of a sparse
+        matrix's whole moments (see :meth:`state_dict`)."""
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            for param in group["params"]:
+                found = self._sharded_sparse(param)
+                if found is None:
+                    continue
+                state, shard = found
+                offset = sparse.count_kept(state["mask_bits"], 0, shard.start)
+                kept = sparse.count_kept(state["mask_bits"], shard.start, shard.end)
+                for key in ("exp_avg", "exp_avg_sq"):
+                    state[key] = state[key][offset : offset + kept].clone()
+
+    def _saved_shape(self, param: Tensor, group: dict[str, Any], key: str, fresh: Tensor) -> tuple[int, ...]:
+        """Sparse moments of a matrix split across ranks are saved whole (see :meth:`state_dict`)."""
+        sparse_matrix = group["density"] < 1.0 and param.dim() == 2
+        if key in ("exp_avg", "exp_avg_sq") and sparse_matrix and sharding.row_shard(param) is not None:
+            return (sparse.kept_count(_real_numel(param), group["density"]),)
+        return tuple(fresh.shape)
 
     # ------------------------------------------------------------------------------------------ step
 
@@ -272,7 +340,7 @@ class SPAM(SpikeAwareOptimizer):
         clip_counts: list[Tensor | None] | None = [None] * len(params) if statistics is not None else None
         spam([local(p) for p in params], [local(g) for g in batch.grads], [local(s["exp_avg"]) for s in states],
              [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states],
-             [s.get("mask_bits") for s in states], settings, keep=keep,
+             [self._step_mask_bits(p, s) for p, s in zip(params, states)], settings, keep=keep,
              implementation=self._implementation(group, params), clip_counts=clip_counts, grad_scale=grad_scale,
              num_warps=self.fused_num_warps)
         if statistics is not None:

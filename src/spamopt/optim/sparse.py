@@ -21,7 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["STRATUM", "kept_count", "kept_per_stratum", "param_seed", "draw_mask", "unpack_mask", "gather", "scatter_"]
+__all__ = ["STRATUM", "kept_count", "kept_per_stratum", "param_seed", "draw_mask", "unpack_mask", "slice_bits",
+           "count_kept", "gather", "scatter_"]
 
 STRATUM = 4096
 _ROWS_PER_DRAW = 256  # strata drawn together: bounds the drawing temporaries to ~12 MiB
@@ -94,6 +95,26 @@ def unpack_mask(bits: Tensor, numel: int) -> Tensor:
     shifts = torch.arange(8, dtype=torch.uint8, device=bits.device)
     unpacked = (bits.unsqueeze(1) >> shifts).bitwise_and_(1)
     return unpacked.view(-1)[:numel].view(torch.bool)
+
+
+def _unpack_range(bits: Tensor, start: int, end: int) -> Tensor:
+    """The boolean mask of coordinates ``[start, end)`` only (transient: ``end − start`` bytes)."""
+    first, last = start // 8, (end + 7) // 8
+    return unpack_mask(bits[first:last], (last - first) * 8)[start - 8 * first : end - 8 * first]
+
+
+def slice_bits(bits: Tensor, start: int, end: int) -> Tensor:
+    """The packed bitmask of coordinates ``[start, end)`` of a matrix, renumbered from 0: a rank's part of the
+    full mask when the matrix is sharded (an FSDP2 shard is such a range of the row-major order)."""
+    mask = _unpack_range(bits, start, end)
+    padded = torch.zeros((end - start + 7) // 8 * 8, dtype=torch.bool, device=bits.device)
+    padded[: end - start] = mask
+    return _pack(padded)
+
+
+def count_kept(bits: Tensor, start: int, end: int) -> int:
+    """How many of the coordinates ``[start, end)`` the bitmask keeps (reads the count on the host)."""
+    return int(_unpack_range(bits, start, end).sum()) if end > start else 0
 
 
 def gather(tensor: Tensor, mask: Tensor) -> Tensor:

@@ -90,14 +90,15 @@ def test_fsdp_resumes_from_a_single_process_checkpoint(single, tmp_path):
     assert _summary(str(run_dir))["val_loss"] == pytest.approx(_summary(single.run_dir)["val_loss"], abs=1e-5)
 
 
-@pytest.mark.parametrize("optimizer", ["spam", "stable-spam"])
+@pytest.mark.parametrize("optimizer", ["spam", "stable-spam", "spam-sparse"])
 def test_a_two_process_fsdp_checkpoint_resumes_in_one_process(single, optimizer, tmp_path):
     """The other direction: an FSDP2 run on 2 processes checkpoints at step 3; one process resumes it to step 6
     and ends where a single process that ran all 6 steps ends (to the tolerance above), and its first
     checkpoint holds what the two processes saved. A constant learning rate, so that the schedule does not
     depend on the run's length."""
-    alone = replace(single, optimizer=optimizer, optimizer_args=single.optimizer_args if optimizer == "spam" else {},
-                    warmup_steps=0, min_lr_ratio=1.0, run_dir=str(tmp_path / "single"))
+    options = {} if optimizer == "stable-spam" else single.optimizer_args
+    alone = replace(single, optimizer=optimizer, optimizer_args=options, warmup_steps=0, min_lr_ratio=1.0,
+                    run_dir=str(tmp_path / "single"))
     train(alone)
     sharded = replace(alone, steps=3, parallel="fsdp", run_dir=str(tmp_path / "resharded"))
     _torchrun(sharded)
