@@ -2,8 +2,9 @@
 matrices (the paper's grouping), and density 0.25 on every matrix (embedding and head included); beside them
 torch's AdamW and StableSPAM (Adam's state plus a few scalars per tensor); and the memory-matched comparison
 (``--galore``) as the registry builds it for ``spamopt compare``: AdamW, Adam-mini, galore-torch's GaLoreAdamW at
-the paper's rank on the attention and MLP matrices (projector included), and sparse SPAM at the density matched
-to it (``harness.memory.matched_density``) and at 0.25. Every figure comes from the real optimizers' state.
+the paper's rank on the attention and MLP matrices (projector included, with the SVD factor it slices), and
+sparse SPAM at the densities matched to GaLore's nominal state (the paper's) and to the memory it holds
+(``--match-memory galore:R`` / ``galore-held:R``), and at 0.25. Every figure comes from the real optimizers' state.
 
 State is device-independent, so this runs on the CPU: each parameter is stepped once by its own optimizer
 instance and the bytes of the state it creates (moments, bitmasks, projectors, counters) are summed, then
@@ -61,10 +62,13 @@ def matched_state_bytes(model: str) -> dict[str, int | float]:
     config = CONFIGS[model]
     layout = optimizer_layout(config)
     density = matched_memory(f"galore:{rank}", model)["density"]  # what `spamopt compare --match-memory` picks
+    held = matched_memory(f"galore-held:{rank}", model)["density"]
     setups = {"adamw": ("adamw", {}), "adam_mini": ("adam-mini", {}), "galore": ("galore", {"rank": rank}),
               "spam_sparse_matched": ("spam-sparse", {"density": density}),
+              "spam_sparse_held_matched": ("spam-sparse", {"density": held}),
               "spam_sparse_0.25": ("spam-sparse", {"density": 0.25})}
-    totals: dict[str, int | float] = {key: 0 for key in setups} | {"rank": rank, "density": density}
+    totals: dict[str, int | float] = {key: 0 for key in setups} | {"rank": rank, "density": density,
+                                                                   "held_density": held}
     for name, shape in config.parameter_shapes().items():
         param = torch.nn.Parameter(torch.zeros(shape))
         param.grad = torch.randn(shape)
@@ -97,7 +101,7 @@ def main() -> None:
     for model in args.models:
         if args.galore:
             report[model] = matched_state_bytes(model)
-            print(model, {k: v if k in ("rank", "density") else f"{v / 2**20:,.1f} MiB"
+            print(model, {k: v if k in ("rank", "density", "held_density") else f"{v / 2**20:,.1f} MiB"
                           for k, v in report[model].items()})
             continue
         totals = spam_state_bytes(model)

@@ -3,13 +3,14 @@ state bytes per registry name against a hand count on a small model, and the mea
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from spamopt import SPAM
-from spamopt.experiments.harness.memory import (galore_state_bytes, matched_density, resident_bytes,
+from spamopt.experiments.harness.memory import (galore_held_bytes, galore_state_bytes, matched_density, resident_bytes,
                                                sparse_spam_state_bytes, step_peak_memory)
 from spamopt.experiments.harness.optimizers import build_optimizer, state_bytes
 from spamopt.experiments.lm.compare import matched_memory
@@ -29,16 +30,56 @@ def test_the_papers_matched_densities_come_out(model, rank, paper):
     assert matched_memory(f"galore:{rank}", model)["density"] == paper
 
 
-def test_galore_formula_equals_galore_torchs_own_state():
+def _galore(shapes, rank=32):
     galore_torch = pytest.importorskip("galore_torch")
-    shapes = [(344, 128), (128, 344), (64, 64)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
-    opt = galore_torch.GaLoreAdamW([{"params": params, "rank": 32, "update_proj_gap": 200, "scale": 0.25,
+    opt = galore_torch.GaLoreAdamW([{"params": params, "rank": rank, "update_proj_gap": 200, "scale": 0.25,
                                      "proj_type": "std"}])
     for p in params:
         p.grad = torch.randn_like(p)
     opt.step()
-    assert state_bytes(opt) == galore_state_bytes(shapes, 32)
+    return opt
+
+
+def test_galore_formulas_against_galore_torchs_own_state():
+    """The state galore-torch keeps alive is the held formula (its projector slices a whole SVD factor); the
+    nominal formula counts the projector's own elements, as the paper did."""
+    shapes = [(344, 128), (128, 344), (64, 64)]
+    opt = _galore(shapes)
+    assert state_bytes(opt) == galore_held_bytes(shapes, 32)
+    nominal = sum(s.numel() * s.element_size() for st in opt.state.values() for s in
+                  [st["exp_avg"], st["exp_avg_sq"], st["projector"].ortho_matrix])
+    assert nominal == galore_state_bytes(shapes, 32) < galore_held_bytes(shapes, 32)
+
+
+def test_state_bytes_counts_the_whole_storage_a_slice_keeps_alive():
+    """A state entry that is a slice of a larger tensor keeps all of it: counted whole, and once."""
+    param = torch.nn.Parameter(torch.zeros(3))
+    opt = torch.optim.SGD([param])
+    factor = torch.zeros(100, 100)
+    opt.state[param] = {"left": factor[:, :10], "right": factor[:10]}
+    assert state_bytes(opt) == factor.numel() * 4
+
+
+@pytest.mark.parametrize("name", ["galore", "adam-mini", "spam", "spam-sparse", "stable-spam"])
+def test_state_bytes_equals_torchs_memory_tracker(name):
+    """``state_bytes`` agrees with torch's MemTracker, which attributes every live storage to the optimizer
+    state, parameters, gradients, ... (a tiny LLaMA, one step)."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    if name == "galore":
+        pytest.importorskip("galore_torch")
+    torch.manual_seed(0)
+    config = dataclasses.replace(CONFIGS["tiny"], vocab=512)
+    model = Llama(config)
+    setup = build_optimizer(name, model, optimizer_layout(config), lr=1e-3)
+    tracker = MemTracker()
+    tracker.track_external(model, setup.optimizer)
+    with tracker:
+        model(torch.randint(0, config.vocab, (2, 16))).logsumexp(-1).mean().backward()
+        setup.optimizer.step()
+    tracked = tracker.get_tracker_snapshot()[torch.device("cpu")][_MemRefType.OPT]
+    assert state_bytes(setup.optimizer) == tracked
 
 
 def test_sparse_spam_formula_equals_spams_own_state():

@@ -5,8 +5,10 @@ The SPAM paper compares sparse-momentum SPAM with GaLore at equal optimizer memo
 60M, 0.4306 at 130M) are GaLore's state at ranks 128 and 256 — projector included — divided by Adam's two
 moments, over the block matrices. Per matrix of shape ``m × n`` (fp32 state, 4 bytes per value):
 
-* GaLore at rank ``r``: the projector, ``min(m, n) · r`` values, and its two moments of the projected gradient,
-  ``2 · r · max(m, n)`` values (galore-torch projects the smaller side; tested against its real state);
+* GaLore at rank ``r``, nominally (the paper's count): the projector, ``min(m, n) · r`` values, and its two
+  moments of the projected gradient, ``2 · r · max(m, n)`` values (galore-torch projects the smaller side);
+* GaLore at rank ``r`` as galore-torch holds it: its projector is a slice of the full SVD factor, which stays
+  alive whole, so ``min(m, n)² + 2 · r · max(m, n)`` values (tested against its real state);
 * sparse SPAM at density ``d``: ``2 · kept`` moment values (``kept ≈ d · m · n``, exactly
   :func:`spamopt.optim.sparse.kept_count`) plus a bitmask of ``⌈m·n/8⌉`` bytes (the paper's comparison
   counts moments only).
@@ -28,7 +30,7 @@ from spamopt.optim import sparse
 
 from .optimizers import state_bytes, tensor_bytes
 
-__all__ = ["galore_state_bytes", "sparse_spam_state_bytes", "matched_density", "resident_bytes",
+__all__ = ["galore_state_bytes", "galore_held_bytes", "sparse_spam_state_bytes", "matched_density", "resident_bytes",
            "step_peak_memory"]
 
 Shape = tuple[int, ...]
@@ -41,6 +43,16 @@ def galore_state_bytes(shapes: Iterable[Shape], rank: int, element_bytes: int = 
     for m, n in shapes:
         r = min(rank, m, n)
         total += (min(m, n) * r + 2 * r * max(m, n)) * element_bytes
+    return total
+
+
+def galore_held_bytes(shapes: Iterable[Shape], rank: int, element_bytes: int = FP32) -> int:
+    """The optimizer state galore-torch really keeps alive for matrices of ``shapes`` at ``rank``: the whole
+    ``min(m, n)²`` SVD factor its projector slices, and the moments."""
+    total = 0
+    for m, n in shapes:
+        r = min(rank, m, n)
+        total += (min(m, n) ** 2 + 2 * r * max(m, n)) * element_bytes
     return total
 
 

@@ -239,16 +239,20 @@ def tensor_bytes(tensor: torch.Tensor) -> int:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> int:
-    """Bytes of tensors in the optimizer state, including tensors one attribute deep (GaLore's projector).
-    Distributed tensors count their local shard."""
+    """Bytes of storage the optimizer state keeps alive: every tensor in it and tensors one attribute deep
+    (GaLore's projector), each storage counted once and whole, since a slice keeps its whole base alive
+    (galore-torch's projector is a slice of a full SVD factor). Distributed tensors count their local shard.
+    Equals what ``torch.distributed._tools.mem_tracker.MemTracker`` attributes to the optimizer state."""
     seen: set[int] = set()
     total = 0
 
     def add(value: Any) -> None:
         nonlocal total
-        if isinstance(value, torch.Tensor) and id(value) not in seen:
-            seen.add(id(value))  # the state keeps ``value`` alive, so its id stays unique
-            total += tensor_bytes(value)
+        if isinstance(value, torch.Tensor):
+            storage = local(value).untyped_storage()
+            if storage.nbytes() and storage.data_ptr() not in seen:
+                seen.add(storage.data_ptr())  # the state keeps the storage alive, so its address stays unique
+                total += storage.nbytes()
 
     for state in optimizer.state.values():
         for value in state.values():

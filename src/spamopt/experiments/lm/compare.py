@@ -19,7 +19,7 @@ from typing import Any
 from spamopt.plotting import pyplot, save
 
 from ..harness.config import option
-from ..harness.memory import galore_state_bytes, matched_density, sparse_spam_state_bytes
+from ..harness.memory import galore_held_bytes, galore_state_bytes, matched_density, sparse_spam_state_bytes
 from ..harness.metrics import read_records
 from ..harness.processes import is_rank_zero
 from ..harness.report import mean_curve, mean_std, plot_curves
@@ -48,24 +48,31 @@ class CompareConfig:
                           "steps; '{}' for the paper's)"})
     match_memory: str = option("", "give spam-sparse (each entry of that name without a density of its own) the "
                                    "density whose state equals a budget on the block matrices: galore:RANK "
-                                   "(GaLore's state at that rank) or bytes:N")
+                                   "(GaLore's nominal state at that rank, as the paper counted), galore-held:RANK "
+                                   "(the memory galore-torch really holds there) or bytes:N")
     match_masks: bool = option(False, "count spam-sparse's 1-bit masks in the matched budget too (the paper "
                                       "counted the moments only)")
     workers: int = option(1, "runs at a time, as parallel single-thread processes (CPU; 1 under torchrun)")
 
 
 def matched_memory(spec: str, model: str, include_mask: bool = False) -> dict[str, Any]:
-    """``galore:RANK`` or ``bytes:N`` → the budget on ``model``'s block matrices and the matching density
-    (moments only, as the paper counted, or with ``include_mask`` moments and 1-bit masks)."""
+    """``galore:RANK``, ``galore-held:RANK`` or ``bytes:N`` → the budget on ``model``'s block matrices and the
+    matching density (moments only, as the paper counted, or with ``include_mask`` moments and 1-bit masks).
+    ``galore`` is GaLore's nominal state (projector elements and moments: the paper's densities);
+    ``galore-held`` the storage galore-torch really keeps alive (its projector slices a full SVD factor)."""
     kind, _, value = spec.partition(":")
-    if kind not in ("galore", "bytes") or not value.isdigit() or int(value) < 1:
-        raise ValueError(f"Invalid match_memory value: {spec!r} (galore:RANK or bytes:N, positive integers)")
+    if kind not in ("galore", "galore-held", "bytes") or not value.isdigit() or int(value) < 1:
+        raise ValueError(f"Invalid match_memory value: {spec!r} (galore:RANK, galore-held:RANK or bytes:N, "
+                         "positive integers)")
     shapes = [s for n, s in CONFIGS[model].parameter_shapes().items() if is_block_matrix(n, s)]
-    budget = galore_state_bytes(shapes, int(value)) if kind == "galore" else int(value)
+    budgets = {"galore": galore_state_bytes, "galore-held": galore_held_bytes}
+    budget = budgets[kind](shapes, int(value)) if kind in budgets else int(value)
     density = matched_density(shapes, budget, include_mask=include_mask)
-    return {"reference": f"GaLore rank {value}" if kind == "galore" else f"{value} bytes", "budget_bytes": budget,
+    references = {"galore": f"GaLore rank {value} (nominal state)",
+                  "galore-held": f"GaLore rank {value} (memory galore-torch holds)"}
+    return {"reference": references.get(kind, f"{value} bytes"), "budget_bytes": budget,
             "density": density, "spam_sparse_bytes": sparse_spam_state_bytes(shapes, density),
-            "galore_rank": int(value) if kind == "galore" else None, "counts_masks": include_mask}
+            "galore_rank": int(value) if kind in budgets else None, "counts_masks": include_mask}
 
 
 def compare(config: CompareConfig, base: TrainConfig) -> Path:
