@@ -327,3 +327,84 @@ def test_report_traces_a_loss_spike_to_the_layer_whose_gradient_spiked_first(tmp
     rows = [line for line in section.splitlines() if line.startswith("| 9")]
     assert len(rows) == 2, rows
     assert rows[0].startswith("| 90 | `layers.0.attn.q.weight`") and rows[1].startswith("| 91 | `head.weight`")
+
+
+def test_update_forensics_against_an_oracle(tmp_path):
+    """``updates=True``: the update RMS is ‖θ_after − θ_before‖ / √n (SGD: lr·‖g‖/√n, computed here), and the
+    moment norms equal ``torch.linalg.vector_norm`` of Adam's own ``exp_avg`` / ``exp_avg_sq``; an optimizer
+    without moments records None for them. Monitoring changes nothing the optimizer does."""
+    rng = np.random.default_rng(3)
+    for name_of_optimizer in ("sgd", "adam"):
+        named = _named(SHAPES)
+        params = [p for _, p in named]
+        optimizer = (torch.optim.SGD(params, lr=0.1) if name_of_optimizer == "sgd"
+                     else torch.optim.Adam(params, lr=0.01))
+        expected = []
+        run_dir = tmp_path / name_of_optimizer
+        with SpikeMonitor(named, run_dir, optimizer=optimizer, updates=True) as monitor:
+            for step in range(1, 4):
+                for _, p in named:
+                    p.grad = torch.from_numpy(_stationary(rng, p.shape))
+                monitor.observe()
+                before = {n: p.detach().clone() for n, p in named}
+                optimizer.step()
+                for n, p in named:
+                    state = optimizer.state[p]
+                    expected.append((step, n, float((p - before[n]).norm() / p.numel() ** 0.5),
+                                     float(torch.linalg.vector_norm(state["exp_avg"])) if state else None,
+                                     float(torch.linalg.vector_norm(state["exp_avg_sq"])) if state else None))
+                    if name_of_optimizer == "sgd":
+                        oracle = 0.1 * float(p.grad.norm()) / p.numel() ** 0.5
+                        assert expected[-1][2] == pytest.approx(oracle, rel=1e-5)
+        got = [(r["step"], r["name"], r["update_rms"], r["exp_avg_norm"], r["exp_avg_sq_norm"])
+               for r in _records(run_dir, "update")]
+        assert len(got) == len(expected) == 9
+        for row, want in zip(got, expected):
+            assert row[:2] == want[:2]
+            for value, oracle in zip(row[2:], want[2:]):
+                assert value == pytest.approx(oracle, rel=1e-6) if oracle is not None else value is None
+
+
+def test_update_forensics_need_the_optimizer(tmp_path):
+    with pytest.raises(ValueError, match="updates"):
+        SpikeMonitor(_named(SHAPES), tmp_path, updates=True)
+
+
+def test_signals_are_recorded_per_step(tmp_path):
+    """Named scalars passed to ``observe`` (tensors or numbers) come back per step, in one flush."""
+    named = _named(SHAPES)
+    with SpikeMonitor(named, tmp_path, flush_every=100) as monitor:
+        for step in range(1, 4):
+            for _, p in named:
+                p.grad = torch.ones_like(p)
+            monitor.observe(signals={"output_log_z": torch.tensor(2.0 * step), "max_attention_logit.layers.0": step})
+    records = _records(tmp_path, "signals")
+    assert [r["values"] for r in records] == [
+        {"output_log_z": 2.0 * s, "max_attention_logit.layers.0": float(s)} for s in (1, 2, 3)]
+
+
+def test_report_lists_the_update_and_logit_jumps_before_a_loss_spike(tmp_path):
+    """Forensics planted before a loss spike at step 92: one layer's update jumps at step 89 (its learning rate
+    multiplied), an attention-logit signal at step 90, and nothing else moves. The loss-spike section's second
+    table lists the update first (89), then the logit (90), and nothing else; the figure is written."""
+    rng = np.random.default_rng(4)
+    named = _named(SHAPES)
+    params = [p for _, p in named]
+    optimizer = torch.optim.SGD(params, lr=0.01)
+    with SpikeMonitor(named, tmp_path, flush_every=10, optimizer=optimizer, updates=True) as monitor:
+        for step in range(1, 121):
+            for _, p in named:
+                p.grad = torch.from_numpy(_stationary(rng, p.shape))
+            logit = 5.0 + 0.01 * rng.standard_normal() + (20.0 if step == 90 else 0.0)
+            loss = 4.0 - 0.001 * step + 0.01 * rng.standard_normal() + (1.0 if step == 92 else 0.0)
+            monitor.observe(loss=loss, signals={"max_attention_logit.layers.0": logit})
+            named[0][1].grad.mul_(100.0 if step == 89 else 1.0)  # after observe: the gradient record is unmoved
+            optimizer.step()
+    text = build_report(tmp_path).read_text()
+    section = text[text.index("### Step 92"):]
+    rows = [line for line in section.splitlines() if line.startswith("| 8") or line.startswith("| 9")]
+    assert rows == [line for line in rows if "update RMS" in line or "signal" in line]
+    assert len(rows) == 2, rows
+    assert rows[0].startswith("| 89 | update RMS | `layers.0.attn.q.weight`")
+    assert rows[1].startswith("| 90 | signal | `max_attention_logit.layers.0`")
+    assert (tmp_path / "loss_spike_92.png").exists()

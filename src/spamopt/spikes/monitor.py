@@ -24,6 +24,7 @@ GSS_HISTOGRAM_EDGES = [10 ** (_LOG_LOW + i * (_LOG_HIGH - _LOG_LOW) / _BINS) for
 
 _ELEMENT_FIELDS = ("grad_norm", "max_abs", "norm_z", "max_abs_z", "spikes", "max_gss", "spike_fraction")
 _TENSOR_FIELDS = _ELEMENT_FIELDS[:4]
+_UPDATE_FIELDS = ("update_rms", "exp_avg_norm", "exp_avg_sq_norm")
 
 Mode = str  # "element" or "tensor"
 
@@ -62,6 +63,12 @@ class SpikeMonitor:
     no host synchronisation per step. With ``optimizer`` given, the optimizer's own per-step statistics
     (SPAM: coordinates clipped per tensor, resets, warmup multiplier, skipped steps) are recorded too, through a
     step post-hook. Records go to ``run_dir/spikes.jsonl``; ``tensorboard=True`` also writes scalars.
+
+    Forensics, as practitioners debug a loss spike: ``updates=True`` (needs ``optimizer``) records per tensor
+    and step the update's RMS, ``‖Δθ‖ / √n`` with ``Δθ`` what the optimizer step changed, and the norms of the
+    optimizer's ``exp_avg`` and ``exp_avg_sq`` state where it has them (it keeps a copy of the parameters
+    across each step to do so). ``observe(signals=...)`` records named scalars of the step, such as the
+    largest attention logit per layer or the output logits' mean log-sum-exp.
     """
 
     def __init__(
@@ -76,6 +83,7 @@ class SpikeMonitor:
         optimizer: torch.optim.Optimizer | None = None,
         tensorboard: bool = False,
         count_first_appearances: bool = True,
+        updates: bool = False,
     ) -> None:
         if not (isinstance(threshold, (int, float)) and threshold > 0 and math.isfinite(threshold)):
             raise ValueError(f"Invalid threshold value: {threshold!r} (must be a finite number > 0)")
@@ -98,12 +106,17 @@ class SpikeMonitor:
         self._histogram: Tensor | None = None
         self._histogram_from: int | None = None
         self.step = 0
+        if updates and optimizer is None:
+            raise ValueError("Invalid updates value: True (update forensics need the optimizer: pass optimizer=)")
         self._optimizer = optimizer
-        self._hook = None
+        self._hooks: list[Any] = []
+        self._before: dict[int, Tensor] = {}
         if optimizer is not None:
             if hasattr(optimizer, "record_statistics"):
                 optimizer.record_statistics = True
-            self._hook = optimizer.register_step_post_hook(self._after_optimizer_step)
+            if updates:
+                self._hooks.append(optimizer.register_step_pre_hook(self._before_optimizer_step))
+            self._hooks.append(optimizer.register_step_post_hook(self._after_optimizer_step))
         self._tensorboard = self._open_tensorboard() if tensorboard else None
         self._write({"kind": "meta", "threshold": self.threshold, "tensors": [
             {"name": n, "layer_type": layer_type(n), "depth": depth(n), "numel": p.numel(), "mode": m}
@@ -124,13 +137,20 @@ class SpikeMonitor:
     # ------------------------------------------------------------------------------------ per step
 
     @torch.no_grad()
-    def observe(self, step: int | None = None, loss: Tensor | float | None = None) -> None:
-        """Record this step's gradients (and optionally the loss); flush every ``flush_every`` steps."""
+    def observe(self, step: int | None = None, loss: Tensor | float | None = None,
+                signals: dict[str, Tensor | float] | None = None) -> None:
+        """Record this step's gradients (and optionally the loss and named scalar ``signals``, as tensors on any
+        device or numbers); flush every ``flush_every`` steps."""
         self.step = self.step + 1 if step is None else step
         if self._histogram_from is None:
             self._histogram_from = self.step
         if loss is not None:
             self._pending.append(("loss", self.step, loss.detach() if isinstance(loss, Tensor) else loss))
+        if signals:
+            home = self.params[0].device if self.params else torch.device("cpu")
+            values = torch.stack([torch.as_tensor(v).detach().to(home, torch.float32).reshape(())
+                                  for v in signals.values()])
+            self._pending.append(("signals", self.step, (list(signals), values)))
         for index, (param, mode) in enumerate(zip(self.params, self.modes)):
             grad = param.grad
             if grad is None:
@@ -175,7 +195,25 @@ class SpikeMonitor:
         max_gss = gss.max() if gss.numel() else gss.sum()
         return [count.float(), max_gss, count.float() / max(gss.numel(), 1)]
 
+    def _before_optimizer_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        self._before = {i: p.detach().clone() for i, p in enumerate(self.params) if p.grad is not None}
+
+    def _record_updates(self, optimizer: torch.optim.Optimizer) -> None:
+        """Update RMS and moment norms of the tensors stepped just now (NaN for state the optimizer lacks)."""
+        missing = torch.tensor(math.nan)
+        for index, before in self._before.items():
+            param = self.params[index]
+            change = (param.detach() - before).float()
+            rms = change.norm() / math.sqrt(max(change.numel(), 1))
+            state = optimizer.state.get(param, {})
+            norms = [state[key].detach().float().norm() if isinstance(state.get(key), Tensor)
+                     else missing.to(rms.device) for key in ("exp_avg", "exp_avg_sq")]
+            self._pending.append(("update", self.step, (index, torch.stack([rms, *norms]))))
+        self._before = {}
+
     def _after_optimizer_step(self, optimizer: torch.optim.Optimizer, *_: Any) -> None:
+        if self._before:
+            self._record_updates(optimizer)
         statistics = getattr(optimizer, "last_statistics", None)
         if not statistics:
             return
@@ -230,12 +268,22 @@ class SpikeMonitor:
         """Copy the pending statistics to the host (one transfer) and append them to the JSONL file."""
         if not self._pending and self._histogram is None:
             return
-        tensors = [item for kind, _, item in self._pending if kind == "tensor"]
-        # Element-mode rows hold more values than tensor-mode rows: one flat transfer, then cut per record.
-        values = iter(torch.cat([row for _, row in tensors]).cpu().tolist() if tensors else [])
+        rows = [item[1].to("cpu" if not self.params else self.params[0].device)
+                for kind, _, item in self._pending if kind in ("tensor", "update", "signals")]
+        # Rows differ in length (element or tensor mode, updates, signals): one flat transfer, cut per record.
+        values = iter(torch.cat(rows).cpu().tolist() if rows else [])
         for kind, step, item in self._pending:
             if kind == "loss":
                 self._write({"kind": "loss", "step": step, "loss": float(item)})
+            elif kind == "update":
+                record = {"kind": "update", "step": step, "name": self.names[item[0]]}
+                for field in _UPDATE_FIELDS:
+                    value = next(values)
+                    record[field] = None if math.isnan(value) else value
+                self._write(record)
+            elif kind == "signals":
+                self._write({"kind": "signals", "step": step,
+                             "values": {name: next(values) for name in item[0]}})
             elif kind == "tensor":
                 index = item[0]
                 fields = _ELEMENT_FIELDS if self.modes[index] == "element" else _TENSOR_FIELDS
@@ -278,9 +326,10 @@ class SpikeMonitor:
     def close(self) -> None:
         """Flush, detach from the optimizer (and stop its statistics) and close the files."""
         self.flush()
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        if self._hooks:
+            for hook in self._hooks:
+                hook.remove()
+            self._hooks = []
             if hasattr(self._optimizer, "record_statistics"):  # stop paying for clip counts
                 self._optimizer.record_statistics = False
         if self._tensorboard is not None:

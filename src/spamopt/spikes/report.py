@@ -108,6 +108,45 @@ def precursors(records: list[dict[str, Any]], step: int, lookback: int) -> list[
     return list(jumped.values())
 
 
+def forensic_z_scores(records: list[dict[str, Any]]) -> dict[tuple[str, str], dict[int, float]]:
+    """Per forensic series — ``("update", tensor)`` (update RMS) and ``("signal", name)`` — the z-score of each
+    step's value against the mean and standard deviation of the series' earlier steps (0 until two are known),
+    the same running statistic the monitor keeps for gradient norms."""
+    series: dict[tuple[str, str], list[tuple[int, float]]] = defaultdict(list)
+    for r in records:
+        if r["kind"] == "update" and r.get("update_rms") is not None:
+            series[("update", r["name"])].append((r["step"], r["update_rms"]))
+        elif r["kind"] == "signals":
+            for name, value in r["values"].items():
+                series[("signal", name)].append((r["step"], value))
+    scores: dict[tuple[str, str], dict[int, float]] = {}
+    for key, values in series.items():
+        count, mean, m2, z = 0, 0.0, 0.0, {}
+        for step, value in sorted(values):
+            spread = (m2 / (count - 1)) ** 0.5 if count >= 2 else 0.0
+            z[step] = (value - mean) / max(spread, 1e-30) if count >= 2 else 0.0
+            count += 1
+            delta = value - mean
+            mean += delta / count
+            m2 += delta * (value - mean)
+        scores[key] = z
+    return scores
+
+
+def forensic_precursors(scores: dict[tuple[str, str], dict[int, float]], step: int,
+                        lookback: int) -> list[dict[str, Any]]:
+    """The forensic series (see :func:`forensic_z_scores`) that jumped (z >= :data:`JUMP_Z`) in the
+    ``lookback`` steps up to and including ``step``, in the order they first did (largest z first within a
+    step): ``{"series", "name", "first", "max_z"}``."""
+    found = []
+    for (series, name), z in scores.items():
+        window = [(s, v) for s, v in z.items() if step - lookback <= s <= step]
+        jumps = [s for s, v in window if v >= JUMP_Z]
+        if jumps:
+            found.append({"series": series, "name": name, "first": min(jumps), "max_z": max(v for _, v in window)})
+    return sorted(found, key=lambda e: (e["first"], -e["max_z"]))
+
+
 def _histogram(records, meta):
     counts = None
     for r in records:
@@ -194,9 +233,43 @@ def _plots(records, summary, out: Path) -> list[Path]:
 
 PRECURSOR_STEPS = 5  # how far before a loss spike the report looks for the gradients that led it
 _PRECURSORS_LISTED = 8
+_FORENSIC_NAMES = {"update": "update RMS", "signal": "signal"}
 
 
-def _loss_spike_section(records, summary) -> list[str]:
+def _forensics_figure(records, summary, spike, found, scores, out: Path) -> Path:
+    """Loss and the z-scores of the earliest precursors around one loss spike."""
+    plt = pyplot()
+    low, high = spike["step"] - 30, spike["step"] + 10
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(9, 6), sharex=True, height_ratios=[1, 2])
+    near = [(s, v) for s, v in summary["loss"] if low <= s <= high]
+    if near:
+        top.plot(*zip(*near), lw=1, color="tab:blue")
+    top.axvline(spike["step"], color="black", lw=0.8, ls="--")
+    top.set_ylabel("training loss")
+    top.set_title(f"Loss spike at step {spike['step']} and what jumped before it")
+    gradient_z: dict[str, dict[int, float]] = defaultdict(dict)
+    for r in records:
+        if r["kind"] == "tensor" and low <= r["step"] <= high:
+            gradient_z[r["name"]][r["step"]] = r["norm_z"]
+    for entry in found[:6]:
+        if entry["series"] == "gradient":
+            z, label = gradient_z[entry["name"]], f"gradient norm: {entry['name']}"
+        else:
+            z = {s: v for s, v in scores[(entry["series"], entry["name"])].items() if low <= s <= high}
+            label = f"{_FORENSIC_NAMES[entry['series']]}: {entry['name']}"
+        steps = sorted(z)
+        bottom.plot(steps, [z[s] for s in steps], lw=1, marker=".", label=label)
+    bottom.axhline(JUMP_Z, color="grey", lw=0.6, ls=":")
+    bottom.axvline(spike["step"], color="black", lw=0.8, ls="--")
+    bottom.set_yscale("symlog")
+    bottom.set_ylabel("z-score against the running mean")
+    bottom.set_xlabel("step")
+    if found:
+        bottom.legend(fontsize=7, loc="upper left")
+    return save(fig, out / f"loss_spike_{spike['step']}.png")
+
+
+def _loss_spike_section(records, summary, out: Path | None = None) -> list[str]:
     spikes = summary["loss_spikes"]
     lines = ["", "## Loss spikes", "",
              "A loss spike: a step whose training loss exceeds the median of the previous 50 steps by more than "
@@ -207,19 +280,37 @@ def _loss_spike_section(records, summary) -> list[str]:
              "steps.", ""]
     if not spikes:
         return lines + [f"None in {len(summary['loss'])} logged steps."]
+    scores = forensic_z_scores(records)
+    if scores:
+        lines += ["With forensics recorded (update RMS per tensor, named signals such as attention logits), a "
+                  "second table lists the series that jumped by the same z-score rule.", ""]
     for spike in spikes:
         lines += [f"### Step {spike['step']}: loss {spike['loss']:.4f}, {spike['rise']:+.4f} over the median", ""]
         found = precursors(records, spike["step"], PRECURSOR_STEPS)
         if not found:
             lines += ["No gradient norm jumped in the steps before it.", ""]
-            continue
-        lines += ["| first jump | tensor | largest gradient-norm z | spiking coordinates | largest GSS |",
-                  "| ---: | --- | ---: | ---: | ---: |"]
-        lines += [f"| {e['first']} | `{e['name']}` | {e['max_norm_z']:.1f} | {e['spikes']:,} | {e['max_gss']:.0f} |"
-                  for e in found[:_PRECURSORS_LISTED]]
-        if len(found) > _PRECURSORS_LISTED:
-            lines.append(f"| | {len(found) - _PRECURSORS_LISTED} more tensors | | | |")
-        lines.append("")
+        else:
+            lines += ["| first jump | tensor | largest gradient-norm z | spiking coordinates | largest GSS |",
+                      "| ---: | --- | ---: | ---: | ---: |"]
+            lines += [f"| {e['first']} | `{e['name']}` | {e['max_norm_z']:.1f} | {e['spikes']:,} | "
+                      f"{e['max_gss']:.0f} |" for e in found[:_PRECURSORS_LISTED]]
+            if len(found) > _PRECURSORS_LISTED:
+                lines.append(f"| | {len(found) - _PRECURSORS_LISTED} more tensors | | | |")
+            lines.append("")
+        forensic = forensic_precursors(scores, spike["step"], PRECURSOR_STEPS) if scores else []
+        if forensic:
+            lines += ["| first jump | series | tensor or signal | largest z |", "| ---: | --- | --- | ---: |"]
+            lines += [f"| {e['first']} | {_FORENSIC_NAMES[e['series']]} | `{e['name']}` | {e['max_z']:.1f} |"
+                      for e in forensic[:_PRECURSORS_LISTED]]
+            if len(forensic) > _PRECURSORS_LISTED:
+                lines.append(f"| | | {len(forensic) - _PRECURSORS_LISTED} more series | |")
+            lines.append("")
+        if out is not None and (found or forensic):
+            merged = sorted([{"series": "gradient", "name": e["name"], "first": e["first"],
+                              "max_z": e["max_norm_z"]} for e in found] + forensic,
+                            key=lambda e: (e["first"], -e["max_z"]))
+            image = _forensics_figure(records, summary, spike, merged, scores, out)
+            lines += [f"![{image.stem}]({image.name})", ""]
     return lines
 
 
@@ -249,7 +340,7 @@ def build_report(run_dir: str | Path) -> Path:
     lines += ["", f"Optimizer: {summary['clipped']:,} coordinates clipped, resets at steps "
               f"{summary['resets'] or 'none'}, skipped steps {summary['skipped'] or 'none'}.", ""]
     lines += [f"![{p.stem}]({p.name})" for p in images]
-    lines += _loss_spike_section(records, summary)
+    lines += _loss_spike_section(records, summary, run_dir)
     path = run_dir / "report.md"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path

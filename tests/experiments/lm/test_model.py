@@ -56,3 +56,34 @@ def test_qk_norm_adds_the_declared_weights_and_makes_attention_blind_to_the_scal
             torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
         else:
             assert (after - before).abs().max() > 1e-2
+
+
+def test_recorded_attention_logits_are_the_largest_causal_logits():
+    """``record_attention_logits``: each layer keeps max over batch, heads and pairs key <= query of q·k/√d,
+    checked against a float64 loop over the pairs, with q and k recomputed here from the layer's weights; off
+    by default, not updated when switched off again, and the forward output is the same with it on."""
+    from spamopt.experiments.lm.model import _rotary
+
+    torch.manual_seed(0)
+    model = Llama(CONFIGS["tiny"])
+    tokens = torch.randint(0, 256, (2, 10))
+    plain = model(tokens)
+    assert model.attention_logits() == [None] * len(model.layers)
+    model.record_attention_logits(True)
+    torch.testing.assert_close(model(tokens), plain, rtol=0, atol=0)
+    recorded = model.attention_logits()
+    x = model.embed(tokens)
+    cos, sin = model.cos[:10], model.sin[:10]
+    for block, largest in zip(model.layers, recorded):
+        attn, normed = block.attn, block.attn_norm(x)
+        b, t, h = normed.shape
+        split = lambda y: y.view(b, t, attn.heads, h // attn.heads).transpose(1, 2)  # noqa: E731
+        q = _rotary(split(attn.q(normed)), cos, sin).double()
+        k = _rotary(split(attn.k(normed)), cos, sin).double()
+        oracle = max(float(q[i, j, s] @ k[i, j, r]) / math.sqrt(q.shape[-1])
+                     for i in range(b) for j in range(attn.heads) for s in range(t) for r in range(s + 1))
+        assert float(largest) == pytest.approx(oracle, rel=1e-5)
+        x = block(x, cos, sin)
+    model.record_attention_logits(False)
+    model(tokens)
+    assert [float(v) for v in model.attention_logits()] == [float(v) for v in recorded]  # not updated when off

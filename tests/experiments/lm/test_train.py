@@ -291,3 +291,22 @@ def test_compiled_blocks_train_like_eager_and_checkpoints_are_interchangeable(sm
     assert {k: v.shape for k, v in weights[0].items()} == {k: v.shape for k, v in weights[1].items()}
     assert train(replace(compiled, steps=6, compile="off", resume=True))["compiled"] is False
     assert [r["step"] for r in _records(compiled.run_dir) if "train_loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_forensics_record_updates_and_signals_and_leave_training_unchanged(small_run):
+    """--forensics (implies --spikes): update records for every tensor and step, and per step the output
+    log-sum-exp and one largest attention logit per layer; the trained weights are bit-identical to a run
+    without telemetry (forensics only read)."""
+    base = replace(small_run, optimizer="spam", steps=3, eval_every=0, checkpoint_every=0)
+    watched = replace(base, forensics=True, run_dir=base.run_dir + "-forensics")
+    train(base)
+    train(watched)
+    records = [json.loads(line) for line in (Path(watched.run_dir) / "spikes" / "spikes.jsonl").open()]
+    updates = [r for r in records if r["kind"] == "update"]
+    tensors = len(_weights(base.run_dir))
+    assert len(updates) == 3 * tensors and all(r["update_rms"] >= 0 for r in updates)
+    signals = [r["values"] for r in records if r["kind"] == "signals"]
+    assert len(signals) == 3 and set(signals[0]) == {"output_log_z", "max_attention_logit.layers.0",
+                                                     "max_attention_logit.layers.1"}
+    plain, forensic = _weights(base.run_dir), _weights(watched.run_dir)
+    assert all(torch.equal(plain[name], forensic[name]) for name in plain)

@@ -5,6 +5,8 @@ Parameter names match :meth:`LlamaConfig.parameter_shapes`."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,7 +31,20 @@ def _rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def largest_attention_logit(q: Tensor, k: Tensor) -> Tensor:
+    """The largest logit softmax sees, ``max q·k / √d`` over batch, heads and causal pairs (key ≤ query)."""
+    scores = (q @ k.transpose(-2, -1)).float() / math.sqrt(q.shape[-1])
+    t = q.shape[-2]
+    causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+    return scores.masked_fill(~causal, float("-inf")).amax()
+
+
 class Attention(nn.Module):
+    #: Keep the largest attention logit of each forward pass in :attr:`max_logit` (an extra q·kᵀ product; set
+    #: by :meth:`Llama.record_attention_logits`, for spike forensics).
+    record_max_logit: bool = False
+    max_logit: Tensor | None = None
+
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
         h = config.hidden
@@ -47,6 +62,8 @@ class Attention(nn.Module):
         if self.qk_norm:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = _rotary(q, cos, sin), _rotary(k, cos, sin)
+        if self.record_max_logit:
+            self.max_logit = largest_attention_logit(q.detach(), k.detach())
         out = F.scaled_dot_product_attention(q, k, split(self.v(x)), is_causal=True)
         return self.o(out.transpose(1, 2).reshape(b, t, h))
 
@@ -94,6 +111,16 @@ class Llama(nn.Module):
     def _init(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, std=0.02)
+
+    def record_attention_logits(self, enabled: bool = True) -> None:
+        """Have every attention layer keep its largest logit of the last forward pass (see
+        :meth:`attention_logits`)."""
+        for layer in self.layers:
+            layer.attn.record_max_logit = enabled
+
+    def attention_logits(self) -> list[Tensor | None]:
+        """Per layer, the largest attention logit of the last forward pass (None before one is recorded)."""
+        return [layer.attn.max_logit for layer in self.layers]
 
     def forward(self, tokens: Tensor) -> Tensor:
         t = tokens.shape[1]

@@ -79,6 +79,9 @@ class TrainConfig:
     spikes: bool = option(False, "spike telemetry (SpikeMonitor, SPAM statistics) into run_dir/spikes")
     nullify_spikes: bool = option(False, "zero the gradient coordinates whose GSS exceeds 50 before each step, "
                                          "the paper's intervention (one process; implies --spikes)")
+    forensics: bool = option(False, "spike forensics (implies --spikes): per tensor the update RMS and the "
+                                    "optimizer's moment norms, per layer the largest attention logit, and the "
+                                    "output logits' mean log-sum-exp, every step")
     tensorboard: bool = option(False, "also write TensorBoard scalars to run_dir/tensorboard")
     wandb: bool = option(False, "also log to Weights & Biases (offline unless WANDB_MODE says otherwise)")
     progress: bool = option(True, "progress bar with loss and tokens/s")
@@ -304,7 +307,7 @@ def _save(run: Run, step: int, monitor: Any, loss: Tensor) -> None:
 def _spike_monitor(run: Run, saved: dict[str, Any]) -> Any:
     """The SpikeMonitor of ``--spikes`` on rank 0 (None otherwise), continued from the checkpoint ``saved``;
     it needs whole gradients, and with ``nullify_spikes`` one process (it edits the gradients only there)."""
-    if not (run.config.spikes or run.config.nullify_spikes):
+    if not (run.config.spikes or run.config.nullify_spikes or run.config.forensics):
         return None
     if run.config.nullify_spikes and run.processes.distributed:
         raise ValueError("Invalid nullify_spikes value: True (the monitor runs on rank 0 only, so zeroing there "
@@ -315,10 +318,13 @@ def _spike_monitor(run: Run, saved: dict[str, Any]) -> Any:
         return None
     from spamopt.spikes import SpikeMonitor
 
-    core = run.model.module if hasattr(run.model, "module") else run.model
+    core = _core(run)
     optimizer = run.setup.optimizer
-    monitor = SpikeMonitor(core, run.run_dir / "spikes", nullify=run.config.nullify_spikes,
-                           optimizer=optimizer if hasattr(optimizer, "record_statistics") else None)
+    forensics = run.config.forensics
+    if forensics:
+        core.record_attention_logits(True)
+    monitor = SpikeMonitor(core, run.run_dir / "spikes", nullify=run.config.nullify_spikes, updates=forensics,
+                           optimizer=optimizer if forensics or hasattr(optimizer, "record_statistics") else None)
     if saved.get("spike_monitor") is not None:
         monitor.load_state_dict(saved["spike_monitor"])
     return monitor
@@ -327,8 +333,16 @@ def _spike_monitor(run: Run, saved: dict[str, Any]) -> Any:
 # ------------------------------------------------------------------------------------------- train
 
 
-def _forward_backward(run: Run, windows: TokenWindows, step: int) -> Tensor:
-    """Accumulate the gradients of optimizer step ``step`` (0-based); returns its mean loss on this process."""
+def _core(run: Run) -> nn.Module:
+    """The Llama itself (DDP wraps it as ``.module``)."""
+    return run.model.module if hasattr(run.model, "module") else run.model
+
+
+def _forward_backward(run: Run, windows: TokenWindows, step: int,
+                      signals: dict[str, Tensor] | None = None) -> Tensor:
+    """Accumulate the gradients of optimizer step ``step`` (0-based); returns its mean loss on this process.
+    With ``signals`` (a dict to fill), also the forensic signals of the step: the output logits' mean
+    log-sum-exp (averaged over micro-batches) and each layer's largest attention logit (their maximum)."""
     config, processes, model = run.config, run.processes, run.model
     step_loss = torch.zeros((), device=processes.device)
     for m in range(run.accumulation):
@@ -340,6 +354,12 @@ def _forward_backward(run: Run, windows: TokenWindows, step: int) -> Tensor:
             objective = loss + config.z_loss * z_loss_term(logits) if config.z_loss else loss
             (objective / run.accumulation).backward()
         step_loss += loss.detach() / run.accumulation
+        if signals is not None:
+            log_z = torch.logsumexp(logits.detach().float(), dim=-1).mean() / run.accumulation
+            signals["output_log_z"] = signals.get("output_log_z", 0.0) + log_z
+            for layer, largest in enumerate(_core(run).attention_logits()):
+                key = f"max_attention_logit.layers.{layer}"
+                signals[key] = largest if key not in signals else torch.maximum(signals[key], largest)
     return step_loss
 
 
@@ -347,10 +367,11 @@ def _optimizer_step(run: Run, windows: TokenWindows, step: int, monitor: Any,
                     running_loss: Tensor) -> tuple[float, Tensor]:
     """One optimizer step (0-based ``step``): gradients, telemetry, clipping, update, LR schedule; adds the
     step's loss to ``running_loss`` and returns the learning rate it used and the loss."""
-    step_loss = _forward_backward(run, windows, step)
+    signals: dict[str, Tensor] | None = {} if monitor is not None and run.config.forensics else None
+    step_loss = _forward_backward(run, windows, step, signals)
     running_loss += step_loss
     if monitor is not None:  # the raw gradients, before any clipping; steps numbered as in the metrics
-        monitor.observe(step=step + 1, loss=step_loss)
+        monitor.observe(step=step + 1, loss=step_loss, signals=signals)
     if run.config.grad_clip:
         torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.config.grad_clip)
     if run.setup.clipper is not None:
