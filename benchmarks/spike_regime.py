@@ -1,0 +1,194 @@
+"""Issue 28's search: a configuration this CPU can train in which AdamW's gradients spike in the transformer
+blocks (attention, MLP and norm weights), not only in the embedding and head rows of rare tokens.
+
+Each probe is one ``spamopt train`` run of AdamW with ``--forensics`` (the spike census plus update RMS,
+attention logits and the output log-sum-exp), a change of one or two settings from a base; probes run as
+parallel single-thread processes, and finished runs are reused (``--resume``), so the search continues across
+sessions. Per probe and seed the table gives: block-weight spikes per million coordinate-steps by layer type
+(GSS > 50; block gradients are dense, so no block coordinate is ever a first appearance), the largest
+block-weight GSS, loss spikes (``spamopt spikes report``'s rule), the largest attention logit, the final
+validation loss and whether the run diverged. Writes ``results/spike_regime.json`` and prints the markdown table.
+
+    python benchmarks/spike_regime.py --workers 2                      # every probe not yet run, seed 0
+    python benchmarks/spike_regime.py --probes small-lr1e-2,small-lr1e-2-qknorm --seeds 0,1,2
+    python benchmarks/spike_regime.py --list                           # the probes and their settings
+    python benchmarks/spike_regime.py --table-only                     # the table of what has finished
+
+The data default to the Gutenberg shards in ``../shared/data/gutenberg`` when present (where the GPU census
+at 60M found block-weight spikes), else the embedded standard-library corpus; each row names its data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from spamopt.spikes.layers import layer_type
+from spamopt.spikes.report import load_records, summarize
+
+BLOCK_TYPES = ("attention", "mlp", "norm")
+BASE = {"model": "mini", "seq_len": 128, "batch_size": 16, "steps": 600, "warmup_steps": 60, "lr": 1e-2,
+        "eval_every": 100, "checkpoint_every": 100, "eval_tokens": 32768, "max_train_tokens": 4_000_000}
+# One or two settings changed from BASE per probe; ordered cheapest first (tiny and mini: minutes per run on one
+# core; small, 9M parameters in 6 blocks: about half an hour).
+PROBES: dict[str, dict[str, Any]] = {
+    "tiny-lr1e-1": {"model": "tiny", "lr": 1e-1},
+    "tiny-lr1e-1-qknorm": {"model": "tiny", "lr": 1e-1, "qk_norm": True},
+    "tiny-lr1e-1-zloss": {"model": "tiny", "lr": 1e-1, "z_loss": 1e-4},
+    "tiny-lr3e-2": {"model": "tiny", "lr": 3e-2},
+    "tiny-lr3e-1": {"model": "tiny", "lr": 3e-1},
+    "tiny-lr1e-1-nowarmup": {"model": "tiny", "lr": 1e-1, "warmup_steps": 0},
+    "tiny-lr1e-1-beta2-0.95": {"model": "tiny", "lr": 1e-1, "optimizer_args": {"betas": [0.9, 0.95]}},
+    "tiny-lr1e-1-1500steps": {"model": "tiny", "lr": 1e-1, "steps": 1500, "warmup_steps": 150},
+    "mini-lr1e-2": {},
+    "mini-lr3e-2": {"lr": 3e-2},
+    "mini-lr1e-1": {"lr": 1e-1},
+    "mini-lr3e-2-nowarmup": {"lr": 3e-2, "warmup_steps": 0},
+    "mini-lr3e-2-beta2-0.95": {"lr": 3e-2, "optimizer_args": {"betas": [0.9, 0.95]}},
+    "mini-lr3e-2-eps1e-12": {"lr": 3e-2, "optimizer_args": {"eps": 1e-12}},
+    "mini-lr3e-2-batch4": {"lr": 3e-2, "batch_size": 4},
+    "mini-lr3e-2-seq256": {"lr": 3e-2, "seq_len": 256},
+    "mini-lr3e-2-int4": {"lr": 3e-2, "quant": "int4"},
+    "mini-lr3e-2-qknorm": {"lr": 3e-2, "qk_norm": True},
+    "mini-lr3e-2-zloss": {"lr": 3e-2, "z_loss": 1e-4},
+    "mini-lr3e-2-1500steps": {"lr": 3e-2, "steps": 1500, "warmup_steps": 150},
+    "small-lr3e-3": {"model": "small", "lr": 3e-3},
+    "small-lr1e-2": {"model": "small"},
+    "small-lr3e-2": {"model": "small", "lr": 3e-2},
+    "small-lr1e-2-nowarmup": {"model": "small", "warmup_steps": 0},
+    "small-lr1e-2-beta2-0.95": {"model": "small", "optimizer_args": {"betas": [0.9, 0.95]}},
+    "small-lr1e-2-qknorm": {"model": "small", "qk_norm": True},
+    "small-lr1e-2-zloss": {"model": "small", "z_loss": 1e-4},
+    "small-lr1e-2-eps1e-12": {"model": "small", "optimizer_args": {"eps": 1e-12}},
+}
+GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
+
+
+def _arguments(settings: dict[str, Any]) -> list[str]:
+    args = []
+    for key, value in settings.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            args.append(flag)
+        elif isinstance(value, dict):
+            args += [flag, json.dumps(value)]
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def _command(probe: str, seed: int, data: str, out: Path, **override: Any) -> list[str]:
+    settings = {**BASE, **PROBES[probe], "seed": seed, "data": data, "optimizer": "adamw",
+                "cache_dir": str(out / "cache"), "run_dir": str(out / probe / f"seed{seed}"), **override}
+    return [sys.executable, "-m", "spamopt.cli", "train", *_arguments(settings), "--forensics", "--no-progress",
+            "--resume"]
+
+
+def _run(command: list[str], log: Path) -> int:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    with log.open("a") as handle:
+        return subprocess.run(command, env=env, stdout=handle, stderr=subprocess.STDOUT).returncode
+
+
+def row(run_dir: Path) -> dict[str, Any] | None:
+    """The table's figures for one finished run (None if it has not finished)."""
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        return None
+    summary = json.loads(summary_path.read_text())
+    records = load_records(run_dir / "spikes")
+    spikes = summarize(records)
+    rates = {kind: 1e6 * v["spikes"] / v["observations"] if v["observations"] else 0.0
+             for kind, v in spikes["by_type"].items()}
+    block = [spikes["by_type"][k] for k in BLOCK_TYPES if k in spikes["by_type"]]
+    observations = sum(v["observations"] for v in block)
+    max_block_gss = max((r["max_gss"] for r in records if r["kind"] == "tensor" and "max_gss" in r
+                         and layer_type(r["name"]) in BLOCK_TYPES), default=0.0)
+    logits = [value for r in records if r["kind"] == "signals"
+              for name, value in r["values"].items() if name.startswith("max_attention_logit")]
+    config = json.loads((run_dir / "config.json").read_text())
+    return {
+        "block_spikes_per_million": 1e6 * sum(v["spikes"] for v in block) / observations if observations else 0.0,
+        "rates_per_million": rates,
+        "max_block_gss": max_block_gss,
+        "loss_spikes": [e["step"] for e in spikes["loss_spikes"]],
+        "max_attention_logit": max(logits, default=math.nan),
+        "val_loss": summary.get("val_loss"),
+        "diverged": summary.get("diverged"),
+        "data": Path(config["data"]).name,
+    }
+
+
+def table(out: Path, probes: list[str]) -> tuple[dict[str, Any], str]:
+    results: dict[str, Any] = {}
+    lines = ["| probe | settings | seed | block spikes / M (attn, mlp, norm) | largest block GSS | loss spikes | "
+             "largest attention logit | val loss | data |",
+             "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | --- |"]
+    for probe in probes:
+        settings = ", ".join(f"{k} {v}" for k, v in {**BASE, **PROBES[probe]}.items() if k in PROBES[probe]
+                             or k in ("model", "lr")) or "base"
+        for run_dir in sorted((out / probe).glob("seed*")):
+            found = row(run_dir)
+            if found is None:
+                continue
+            results.setdefault(probe, {})[run_dir.name] = found
+            r = found["rates_per_million"]
+            by_type = ", ".join(f"{r.get(k, 0.0):.2f}" for k in BLOCK_TYPES)
+            val = "diverged" if found["diverged"] else f"{found['val_loss']:.3f}"
+            lines.append(f"| {probe} | {settings} | {run_dir.name.removeprefix('seed')} | "
+                         f"**{found['block_spikes_per_million']:.2f}** ({by_type}) | {found['max_block_gss']:.0f} | "
+                         f"{len(found['loss_spikes'])} {found['loss_spikes'][:4] or ''} | "
+                         f"{found['max_attention_logit']:.1f} | {val} | {found['data']} |")
+    return results, "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--probes", default=",".join(PROBES), help="comma-separated probe names (default: all)")
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each")
+    parser.add_argument("--data", default=str(GUTENBERG) if GUTENBERG.exists() else "stdlib")
+    parser.add_argument("--out", type=Path, default=Path("runs/spike_regime"))
+    parser.add_argument("--results", type=Path, default=Path("results/spike_regime.json"))
+    parser.add_argument("--list", action="store_true", help="print the probes and exit")
+    parser.add_argument("--table-only", action="store_true", help="only tabulate the finished runs")
+    args = parser.parse_args()
+    probes = [p for p in args.probes.split(",") if p]
+    unknown = [p for p in probes if p not in PROBES]
+    if unknown:
+        parser.error(f"unknown probes {unknown}; --list shows them")
+    if args.list:
+        for name in probes:
+            print(f"{name}: {PROBES[name] or 'base'}")
+        print(f"base: {BASE}")
+        return
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not args.table_only:
+        args.out.mkdir(parents=True, exist_ok=True)
+        # tokenize once, so that the runs side by side do not race on the cache
+        tokenize = _command(probes[0], seeds[0], args.data, args.out, steps=1, run_dir=str(args.out / "tokenize"))
+        if _run([*tokenize[:-1], "--overwrite"], args.out / "tokenize.log") != 0:
+            raise SystemExit(f"tokenizing failed: see {args.out / 'tokenize.log'}")
+        jobs = [(p, s) for p in probes for s in seeds if row(args.out / p / f"seed{s}") is None]
+        with ThreadPoolExecutor(args.workers) as pool:
+            codes = list(pool.map(lambda job: _run(_command(*job, args.data, args.out),
+                                                   args.out / f"{job[0]}-seed{job[1]}.log"), jobs))
+        for (probe, seed), code in zip(jobs, codes):
+            if code not in (0, 1):  # 1: the run diverged and said so; anything else is a failure
+                print(f"{probe} seed {seed} failed ({code}): see {args.out / f'{probe}-seed{seed}.log'}")
+    results, text = table(args.out, probes)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps({"base": BASE, "probes": {p: PROBES[p] for p in probes},
+                                        "results": results}, indent=2) + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
