@@ -46,6 +46,28 @@ def test_the_main_command_on_a_minimal_budget(token_cache, tmp_path, capsys):
     assert results["config"]["data"] == "stdlib"
     assert all(math.isfinite(v) for row in results["optimizers"].values() for v in row["val_perplexity"])
     assert (out / "curves.png").exists() and "| spam |" in (out / "report.md").read_text()
+    # the three optimizers' states differ by a few bytes per tensor: said, not plotted as noise
+    assert "Optimizer state (MiB)" in (out / "report.md").read_text().split("so not plotted")[0]
+
+
+def test_memory_figures_equal_to_within_one_percent_are_not_plotted(tmp_path):
+    """``plot_memory`` draws only the memory figures that differ by more than 1 % between optimizers, and
+    nothing (no file) when none does."""
+    from spamopt.experiments.lm.compare import equal_memory, plot_memory
+
+    def results(state_b, peak_b):
+        row = {"val_perplexity_mean": 5.0, "val_perplexity_std": 0.1}
+        return {"seeds": [0, 1], "optimizers": {
+            "a": {**row, "optimizer_state_bytes_per_process": 1000, "peak_step_memory_bytes": 10_000},
+            "b": {**row, "optimizer_state_bytes_per_process": state_b, "peak_step_memory_bytes": peak_b}}}
+
+    mixed = results(1009, 20_000)
+    assert equal_memory(mixed, "optimizer_state_bytes_per_process")
+    assert not equal_memory(mixed, "peak_step_memory_bytes")
+    assert plot_memory(mixed, tmp_path / "mixed.png").exists()
+    assert not equal_memory(results(1011, 10_000), "optimizer_state_bytes_per_process")
+    assert plot_memory(results(1009, 10_050), tmp_path / "equal.png") is None
+    assert not (tmp_path / "equal.png").exists()
 
 
 def test_match_memory_runs_galore_at_the_budgets_rank(small_run, tmp_path, monkeypatch):

@@ -138,18 +138,32 @@ def write_report(out: Path, names: list[str], seeds: list[int], matched: dict[st
                    peak_step_memory_method=first.get("peak_step_memory_method"))
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     plot_curves(curves, CURVE_PANELS, out / "curves.png")
+    (out / "memory.png").unlink(missing_ok=True)  # an earlier report's, when the figures are now all equal
     plot_memory(results, out / "memory.png")
     return _markdown(results, out / "report.md")
 
 
-def plot_memory(results: dict[str, Any], path: Path) -> Path:
+MEMORY_PANELS = {"optimizer_state_bytes_per_process": "optimizer state (MiB)",
+                 "peak_step_memory_bytes": "peak memory of a training step (MiB)"}
+EQUAL_WITHIN = 0.01  # memory figures closer than this (relative) are reported as equal, not plotted
+
+
+def equal_memory(results: dict[str, Any], key: str) -> bool:
+    """Whether every optimizer's ``key`` figure lies within :data:`EQUAL_WITHIN` of the smallest."""
+    values = [row[key] for row in results["optimizers"].values()]
+    return bool(values) and all(values) and max(values) <= min(values) * (1 + EQUAL_WITHIN)
+
+
+def plot_memory(results: dict[str, Any], path: Path) -> Path | None:
     """Final validation perplexity (mean ± std over seeds) against optimizer-state memory, and against the
-    peak memory of a training step where measured: one point per optimizer."""
+    peak memory of a training step where measured: one point per optimizer. A figure on which all
+    optimizers are equal to within 1 % is left out (the report says so); None when both are."""
     plt = pyplot()
     rows = results["optimizers"]
-    panels = [("optimizer_state_bytes_per_process", "optimizer state (MiB)")]
-    if all(row["peak_step_memory_bytes"] for row in rows.values()):
-        panels.append(("peak_step_memory_bytes", "peak memory of a training step (MiB)"))
+    panels = [(key, label) for key, label in MEMORY_PANELS.items()
+              if all(row[key] for row in rows.values()) and not equal_memory(results, key)]
+    if not panels:
+        return None
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (key, xlabel) in zip(axes[0], panels):
         for name, row in rows.items():
@@ -206,9 +220,15 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
                   f"{matched['spam_sparse_bytes'] / 2**20:.2f} MiB for spam-sparse (moments and 1-bit masks)"
                   + (f"; GaLore entries without a rank of their own run at rank {matched['galore_rank']}."
                      if matched.get("galore_rank") else ".")]
-    lines += ["", "![training loss and validation perplexity](curves.png)", "",
-              "![final validation perplexity against memory](memory.png)", "",
-              "Std is the sample standard deviation over seeds; tokens/s excludes evaluation, checkpointing and the "
+    lines += ["", "![training loss and validation perplexity](curves.png)", ""]
+    equal = [label for key, label in MEMORY_PANELS.items() if equal_memory(results, key)]
+    if equal:
+        said = " and ".join(equal)
+        lines += [f"{said[0].upper()}{said[1:]}: the same for every optimizer to within "
+                  f"{EQUAL_WITHIN:.0%}, so not plotted.", ""]
+    if (path.parent / "memory.png").exists():
+        lines += ["![final validation perplexity against memory](memory.png)", ""]
+    lines += ["Std is the sample standard deviation over seeds; tokens/s excludes evaluation, checkpointing and the "
               "second step (measured for memory). Optimizer state is the bytes of the tensors in the optimizer's own "
               "state (moments, masks, projectors, counters).",
               f"Perplexity is exp of the mean token cross-entropy over the first {config['eval_tokens']:,} "
