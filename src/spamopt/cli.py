@@ -29,7 +29,10 @@ def _report(args: argparse.Namespace) -> None:
 
 
 LIBRARY_COMMANDS = [Command(("spikes", "report"), "plots and a markdown summary of a monitored run",
-                            _report_arguments, _report)]
+                            _report_arguments, _report,
+                            writes="RUN_DIR/report.md and its PNG plots: loss and spikes, spikes by layer type, a "
+                                   "heatmap per tensor, the GSS histogram, and one figure per loss spike",
+                            example="spamopt spikes report runs/train/spikes")]
 
 
 def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
@@ -48,7 +51,9 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
             subparsers = groups[group[0]]
         else:
             subparsers = top
-        sub = subparsers.add_parser(name, help=command.help)
+        sub = subparsers.add_parser(name, help=command.help, description=command.help,
+                                    epilog=f"writes: {command.writes}\n\nexample:\n  {command.example}",
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
         command.add_arguments(sub)
         sub.set_defaults(run=command.run)
     return parser

@@ -8,4 +8,8 @@ from .train import FinetuneConfig
 
 COMMANDS = [grid_command("finetune", "supervised fine-tuning with the response-only loss: optimizers × seeds, "
                          "multiple-choice accuracy and a report", FinetuneCompareConfig, FinetuneConfig, compare,
-                         per_run=("optimizer", "optimizer_args", "seed", "run_dir", "resume"))]
+                         per_run=("optimizer", "optimizer_args", "seed", "run_dir", "resume"),
+                         writes="OUT_DIR/<optimizer>/seed<k>/ per run (config.json, metrics.jsonl, checkpoint.pt, "
+                                "summary.json), and OUT_DIR/report.md, results.json and curves.png",
+                         example="spamopt finetune --optimizers spam,adamw --seeds 0 --pretrain-steps 20 --steps 10 "
+                                 "--out-dir runs/try-finetune")]

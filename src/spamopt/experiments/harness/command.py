@@ -22,6 +22,8 @@ class Command:
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
     run: Callable[[argparse.Namespace], None]
+    writes: str  # what the command leaves behind, for its --help
+    example: str  # one invocation that runs as written, for its --help
 
 
 def discover(package: str = "spamopt.experiments") -> list[Command]:
@@ -36,7 +38,7 @@ def discover(package: str = "spamopt.experiments") -> list[Command]:
 
 
 def grid_command(name: str, help: str, grid: type, run: type, compare: Callable[[Any, Any], Any],
-                 per_run: tuple[str, ...]) -> Command:
+                 per_run: tuple[str, ...], writes: str, example: str) -> Command:
     """``spamopt <name>`` for a family's grid: the options of ``grid`` (what to compare: optimizers, seeds, ...)
     and of ``run`` less the fields ``compare`` sets per run; runs ``compare(grid, base run)`` and prints the
     report's path."""
@@ -50,4 +52,4 @@ def grid_command(name: str, help: str, grid: type, run: type, compare: Callable[
     def execute(args: argparse.Namespace) -> None:
         run_command(lambda: str(compare(from_args(grid, args), from_args(run, args))))
 
-    return Command((name,), help, arguments, execute)
+    return Command((name,), help, arguments, execute, writes, example)

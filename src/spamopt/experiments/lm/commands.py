@@ -37,6 +37,13 @@ def _compare(args: argparse.Namespace) -> None:
 
 COMMANDS = [
     Command(("train",), "pre-train a LLaMA with one optimizer (torchrun for several GPUs)",
-            lambda parser: add_options(parser, TrainConfig), _train),
-    Command(("compare",), "several optimizers × seeds on one config, and a report", _compare_arguments, _compare),
+            lambda parser: add_options(parser, TrainConfig), _train,
+            writes="RUN_DIR/config.json, metrics.jsonl, checkpoint.pt (and checkpoint.prev.pt), summary.json; "
+                   "with --spikes or --forensics, RUN_DIR/spikes/spikes.jsonl",
+            example="spamopt train --model tiny --steps 20 --eval-every 10 --run-dir runs/try"),
+    Command(("compare",), "several optimizers × seeds on one config, and a report", _compare_arguments, _compare,
+            writes="a run folder per optimizer and seed, OUT_DIR/<optimizer>/seed<k>/ (as train writes), and "
+                   "OUT_DIR/report.md, results.json, curves.png and memory.png",
+            example="spamopt compare --optimizers spam,adamw --seeds 0 --model tiny --steps 20 "
+                    "--out-dir runs/try-compare"),
 ]

@@ -21,4 +21,7 @@ def _run(args: argparse.Namespace) -> None:
 
 
 COMMANDS = [Command(("spikes", "demo"), "monitor a tiny LLaMA on the stdlib source with AdamW and SPAM",
-                    _arguments, _run)]
+                    _arguments, _run,
+                    writes="RUN_DIR/<optimizer>/spikes.jsonl and a spike report (report.md and PNG plots) per "
+                           "optimizer",
+                    example="spamopt spikes demo --steps 60 --run-dir runs/try-demo")]
