@@ -67,17 +67,24 @@ class StableSPAM(SpikeAwareOptimizer):
 
     Args:
         params: parameters or parameter groups; every keyword can be overridden per group.
-        lr, betas, eps, weight_decay: Adam's (ε torch-style, also AdaGN's ε); weight decay decoupled, first.
-        gamma1: AdaGN's mean-norm decay (-1: β1). gamma2: its squared-norm decay. gamma3: AdaClip's decay.
+        lr: Adam's learning rate.
+        betas: Adam's (β1, β2).
+        eps: Adam's ε, added torch-style; also AdaGN's ε.
+        weight_decay: decoupled weight decay, applied first.
+        gamma1: AdaGN's mean-norm decay (-1: β1).
+        gamma2: AdaGN's squared-norm decay.
+        gamma3: AdaClip's decay.
         reset_interval: ΔT of MoRet (0: off).
-        total_steps, eta_min: the optional momentum schedule σ (None: σ = 1).
+        total_steps: T of the optional momentum schedule σ (None: σ = 1).
+        eta_min: η, the schedule's floor.
         adaclip: ``"scale"`` (the paper: spiked coordinates scaled by M̂/μ), ``"clamp"`` (to ±M̂) or ``"off"``.
         adagn: apply AdaGN. With ``adaclip="off", adagn=False`` this is Adam + MoRet, the paper's ablation base.
         reference_compat: reproduce the authors' released optimizer: one counter for every bias correction,
             reset to 1 by MoRet, whose zero moments take effect one step late; σ not clamped past
             ``total_steps``; statistics kept in the parameter dtype. ``p.grad`` is still never modified.
-        maximize, foreach, skip_nonfinite: as in :class:`spamopt.SPAM`. ``fused`` and ``capturable`` are not
-            available (no kernel yet).
+        maximize: as in :class:`spamopt.SPAM`.
+        foreach: as in :class:`spamopt.SPAM`. ``fused`` and ``capturable`` are not available (no kernel yet).
+        skip_nonfinite: as in :class:`spamopt.SPAM`.
         compiled: the whole per-tensor step (AdaClip's and AdaGN's reductions included) as one
             ``torch.compile`` function, as :class:`spamopt.SPAM`'s ``compiled``: the default on the CPU with a
             C++ compiler for groups of at least ``compile_min_numel`` (10M) elements; not with
