@@ -472,3 +472,41 @@ def test_bad_group_override_is_rejected_before_the_group_is_added():
     with pytest.raises(ValueError, match=re.escape("Invalid density value: 2")):
         opt.add_param_group({"params": [q], "density": 2})
     assert len(opt.param_groups) == 1
+
+
+def test_bf16_moments_on_request_track_torchs_adamw_in_bf16():
+    """``fp32_moments=False``: the moments of bf16 parameters stay bf16, as torch's AdamW keeps them, and SPAM
+    with its features off (and ε = 0, where the two ε placements agree) follows torch's bf16 AdamW to bf16
+    rounding over 8 steps. The default keeps float32 moments (and ends elsewhere: the setting takes effect)."""
+    torch.manual_seed(0)
+    start = torch.randn(24, 16).to(torch.bfloat16)
+    grads = [torch.randn(24, 16).to(torch.bfloat16) for _ in range(8)]
+    off = dict(lr=1e-2, eps=0.0, threshold=0.0, reset_interval=0, warmup_steps=0, weight_decay=0.1)
+    results = {}
+    for name in ("spam-bf16", "spam-fp32", "adamw"):
+        p = torch.nn.Parameter(start.clone())
+        opt = (torch.optim.AdamW([p], lr=1e-2, eps=0.0, weight_decay=0.1, foreach=False) if name == "adamw"
+               else SPAM([p], fp32_moments=name == "spam-fp32", **off))
+        for g in grads:
+            p.grad = g.clone()
+            opt.step()
+        results[name] = (p.detach().float(), opt.state[p]["exp_avg"].dtype)
+    assert results["spam-bf16"][1] == results["adamw"][1] == torch.bfloat16
+    assert results["spam-fp32"][1] == torch.float32
+    torch.testing.assert_close(results["spam-bf16"][0], results["adamw"][0], rtol=2e-2, atol=2e-3)
+    assert not torch.equal(results["spam-bf16"][0], results["spam-fp32"][0])
+
+
+def test_a_state_dict_from_before_fp32_moments_loads_with_the_default():
+    """State dicts written before ``fp32_moments`` existed lack it: they load, and the group takes the default
+    (float32 moments), instead of being refused as another optimizer's."""
+    model = _model(dtype=torch.float32)
+    opt = SPAM(_groups(model), **SMALL)
+    _train(model, opt, 2)
+    saved = opt.state_dict()
+    for group in saved["param_groups"]:
+        del group["fp32_moments"]
+    fresh = SPAM(_groups(model), **SMALL)
+    fresh.load_state_dict(saved)
+    assert all(group["fp32_moments"] is True for group in fresh.param_groups)
+    _train(model, fresh, 1)

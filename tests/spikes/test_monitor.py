@@ -350,7 +350,7 @@ def test_update_forensics_against_an_oracle(tmp_path):
                 optimizer.step()
                 for n, p in named:
                     state = optimizer.state[p]
-                    expected.append((step, n, float((p - before[n]).norm() / p.numel() ** 0.5),
+                    expected.append((step, n, float((p.detach() - before[n]).norm() / p.numel() ** 0.5),
                                      float(torch.linalg.vector_norm(state["exp_avg"])) if state else None,
                                      float(torch.linalg.vector_norm(state["exp_avg_sq"])) if state else None))
                     if name_of_optimizer == "sgd":

@@ -115,6 +115,8 @@ def validate_common(group: dict[str, Any]) -> None:
 # Group keys that choose how a step is computed, not what it computes: a state dict without them (written by an
 # older version) loads with the optimizer's own. Any other missing key is refused.
 IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "compiled", "capturable", "differentiable"})
+# Settings added after the first release: a state dict written before them may lack them (the default applies).
+LATER_SETTINGS = frozenset({"fp32_moments"})
 
 
 def _dtype_kind(dtype: torch.dtype) -> str | torch.dtype:
@@ -124,9 +126,10 @@ def _dtype_kind(dtype: torch.dtype) -> str | torch.dtype:
     return "floating" if dtype.is_floating_point else dtype
 
 
-def moment_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Moments of half-precision parameters are kept in float32: v underflows in bf16/fp16."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+def moment_dtype(dtype: torch.dtype, fp32_moments: bool = True) -> torch.dtype:
+    """Moments of half-precision parameters are kept in float32 (v underflows in bf16/fp16), unless
+    ``fp32_moments`` is False: then in the parameter's dtype, as torch's AdamW keeps them."""
+    return torch.float32 if fp32_moments and dtype in (torch.float16, torch.bfloat16) else dtype
 
 
 def is_distributed_tensor(tensor: Tensor) -> bool:
@@ -299,7 +302,7 @@ class SpikeAwareOptimizer(Optimizer):
                              f"{len(self.param_groups)}")
         ordinal = 0
         for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
-            missing = sorted(set(self.defaults) - set(saved) - IMPLEMENTATION_FLAGS)
+            missing = sorted(set(self.defaults) - set(saved) - IMPLEMENTATION_FLAGS - LATER_SETTINGS)
             if missing:
                 raise ValueError(f"Invalid state_dict: parameter group {index} has no {', '.join(missing)}: it was "
                                  f"not written by {name} (another optimizer's state?)")

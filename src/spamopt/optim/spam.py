@@ -33,6 +33,7 @@ def _validate_group(group: dict[str, Any]) -> None:
                  accepted="must be in (0, 1]")
     check_flag("bias_correction_reset", group["bias_correction_reset"])
     check_flag("reference_compat", group["reference_compat"])
+    check_flag("fp32_moments", group["fp32_moments"])
     if group["capturable"] and group["density"] < 1.0:
         raise ValueError(f"Invalid density value: {group['density']} with capturable=True (sparse masks are "
                          "redrawn from the host's random generator, which a CUDA graph cannot replay; use 1.0)")
@@ -100,6 +101,9 @@ class SPAM(SpikeAwareOptimizer):
         reference_compat: clip coordinates whose ``v`` is 0 to 0, as the authors' released code does; such
             coordinates (a parameter or embedding row first stepped after the clip-free window, every
             parameter when ``clip_delay`` is 0 or 1) then do not move until the next reset's window.
+        fp32_moments: keep the moments of bf16/fp16 parameters in float32 (the default: ``v`` underflows in
+            half precision). ``False`` keeps them in the parameter's dtype, as torch's AdamW and the authors'
+            pure-bf16 training do.
 
     Mixed precision: under ``torch.amp.GradScaler`` every implementation takes the scaler's loss scale and inf
     flag directly (``_step_supports_amp_scaling``, as torch's fused optimizers do): the gradients are unscaled
@@ -166,13 +170,14 @@ class SPAM(SpikeAwareOptimizer):
         capturable: bool = False,
         skip_nonfinite: bool = True,
         reference_compat: bool = False,
+        fp32_moments: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, threshold=threshold,
             reset_interval=reset_interval, warmup_steps=warmup_steps, clip_delay=clip_delay, density=density,
             bias_correction_reset=bias_correction_reset, maximize=maximize, foreach=foreach,
             fused=fused, compiled=compiled, capturable=capturable, skip_nonfinite=skip_nonfinite,
-            reference_compat=reference_compat,
+            reference_compat=reference_compat, fp32_moments=fp32_moments,
         )
         super().__init__(params, defaults)
         for group in self.param_groups:
@@ -205,10 +210,11 @@ class SPAM(SpikeAwareOptimizer):
             state["mask_bits"] = sparse.draw_mask(numel, group["density"], seed, generation, param.device)
             kept = (sparse.kept_count(numel, group["density"]) if shard is None
                     else sparse.count_kept(state["mask_bits"], shard.start, shard.end))
-            state["exp_avg"] = torch.zeros(kept, dtype=moment_dtype(dtype), device=param.device)
-            state["exp_avg_sq"] = torch.zeros(kept, dtype=moment_dtype(dtype), device=param.device)
+            moment = moment_dtype(dtype, group["fp32_moments"])
+            state["exp_avg"] = torch.zeros(kept, dtype=moment, device=param.device)
+            state["exp_avg_sq"] = torch.zeros(kept, dtype=moment, device=param.device)
         else:
-            moment = moment_dtype(param.dtype)
+            moment = moment_dtype(param.dtype, group["fp32_moments"])
             state["exp_avg"] = torch.zeros_like(param, dtype=moment, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(param, dtype=moment, memory_format=torch.preserve_format)
 

@@ -39,6 +39,7 @@ def _validate_group(group: dict[str, Any]) -> None:
         raise ValueError(f"Invalid eta_min value: {eta!r} (must be in [0, 1])")
     check_flag("reference_compat", group["reference_compat"])
     check_flag("adagn", group["adagn"])
+    check_flag("fp32_moments", group["fp32_moments"])
     if group["fused"]:
         raise ValueError("Invalid fused value: True (StableSPAM has no fused kernel; use compiled, foreach or the "
                          "for-loop)")
@@ -85,6 +86,7 @@ class StableSPAM(SpikeAwareOptimizer):
         maximize: as in :class:`spamopt.SPAM`.
         foreach: as in :class:`spamopt.SPAM`. ``fused`` and ``capturable`` are not available (no kernel yet).
         skip_nonfinite: as in :class:`spamopt.SPAM`.
+        fp32_moments: as in :class:`spamopt.SPAM`; the statistics stay fp32 (float64 scalars) either way.
         compiled: the whole per-tensor step (AdaClip's and AdaGN's reductions included) as one
             ``torch.compile`` function, as :class:`spamopt.SPAM`'s ``compiled``: the default on the CPU with a
             C++ compiler for groups of at least ``compile_min_numel`` (10M) elements; not with
@@ -128,11 +130,13 @@ class StableSPAM(SpikeAwareOptimizer):
         compiled: bool | None = None,
         capturable: bool = False,
         skip_nonfinite: bool = True,
+        fp32_moments: bool = True,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2, gamma3=gamma3,
             reset_interval=reset_interval, total_steps=total_steps, eta_min=eta_min, adaclip=adaclip, adagn=adagn,
             reference_compat=reference_compat, maximize=maximize, foreach=foreach, fused=fused, compiled=compiled,
+            fp32_moments=fp32_moments,
             capturable=capturable, skip_nonfinite=skip_nonfinite,
         )
         super().__init__(params, defaults)
@@ -160,7 +164,7 @@ class StableSPAM(SpikeAwareOptimizer):
         if group["reference_compat"]:
             del statistics["stat_step"]  # one counter: ``step``
         state.update(statistics)
-        moment = moment_dtype(param.dtype)
+        moment = moment_dtype(param.dtype, group["fp32_moments"])
         state["exp_avg"] = torch.zeros_like(param, dtype=moment, memory_format=torch.preserve_format)
         state["exp_avg_sq"] = torch.zeros_like(param, dtype=moment, memory_format=torch.preserve_format)
 

@@ -310,3 +310,19 @@ def test_forensics_record_updates_and_signals_and_leave_training_unchanged(small
                                                      "max_attention_logit.layers.1"}
     plain, forensic = _weights(base.run_dir), _weights(watched.run_dir)
     assert all(torch.equal(plain[name], forensic[name]) for name in plain)
+
+
+def test_pure_bf16_trains_in_bf16_with_bf16_moments(small_run):
+    """--pure-bf16: the checkpoint's parameters and SPAM's moments are bf16 (the reference script's setting),
+    its clock stays an integer, and the loss stays finite; Stable-SPAM keeps its statistics in float64."""
+    for optimizer in ("spam", "stable-spam"):
+        config = replace(small_run, optimizer=optimizer, pure_bf16=True, steps=3, eval_every=0, checkpoint_every=0,
+                         run_dir=f"{small_run.run_dir}-{optimizer}")
+        assert math.isfinite(train(config)["val_loss"])
+        saved = torch.load(Path(config.run_dir) / "checkpoint.pt", weights_only=True)
+        assert all(value.dtype == torch.bfloat16 for value in saved["model"].values())
+        state = saved["optimizer"]["state"]["head.weight"]
+        assert state["exp_avg"].dtype == state["exp_avg_sq"].dtype == torch.bfloat16
+        assert state["global_step"].dtype == torch.int64
+        if optimizer == "stable-spam":
+            assert state["norm_ema"].dtype == torch.float64

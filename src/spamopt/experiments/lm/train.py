@@ -67,6 +67,9 @@ class TrainConfig:
     z_loss: float = option(0.0, "train on cross-entropy + z_loss × mean(log Z)², Z the softmax normaliser "
                                 "(PaLM's z-loss, against output-logit divergence); losses reported stay the "
                                 "cross-entropy")
+    pure_bf16: bool = option(False, "parameters, gradients and optimizer moments in bf16, without autocast, as "
+                                    "the authors' training script (SPAM's and Stable-SPAM's statistics stay "
+                                    "fp32; set fp32_moments in --optimizer-args to keep their moments fp32)")
     seed: int = option(0, "seed of the initial weights and the data order")
     eval_every: int = option(50, "validation every k steps (and at the end); 0: only at the end")
     eval_tokens: int = option(65_536, "validation tokens per evaluation")
@@ -254,15 +257,21 @@ def _set_up(config: TrainConfig) -> Run:
     model_config = replace(CONFIGS[config.model], vocab=data.vocab_size, qk_norm=config.qk_norm,
                            max_positions=max(config.seq_len, CONFIGS[config.model].max_positions))
     model = Llama(model_config).to(processes.device)
+    if config.pure_bf16:
+        model = model.to(torch.bfloat16)
     quantize_model(model, config.quant, lambda name, m: is_block_matrix(f"{name}.weight", m.weight.shape))
     is_compiled = compile_blocks(model, config, processes.device)
     model = _wrap(model, config, processes)
     core = model.module if hasattr(model, "module") else model
+    options = dict(config.optimizer_args)
+    if config.pure_bf16 and config.optimizer.removesuffix("+adagn") in ("spam", "spam-sparse", "stable-spam"):
+        options.setdefault("fp32_moments", False)  # torch's optimizers keep bf16 state for bf16 parameters
     setup = build_optimizer(config.optimizer, core, optimizer_layout(model_config), lr=config.lr,
-                            weight_decay=config.weight_decay, options=config.optimizer_args)
+                            weight_decay=config.weight_decay, options=options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         setup.optimizer, lambda s: lr_multiplier(s, config.warmup_steps, config.steps, config.min_lr_ratio))
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if processes.device.type == "cuda" else nullcontext()
+    on_cuda = processes.device.type == "cuda" and not config.pure_bf16
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if on_cuda else nullcontext()
     if processes.rank == 0:
         begin(start, config)
     processes.barrier()
