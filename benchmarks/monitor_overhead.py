@@ -1,4 +1,6 @@
-"""Cost of SpikeMonitor.observe() per step, against the SPAM step it accompanies, on LLaMA-shaped gradients.
+"""Cost of SpikeMonitor.observe() per step, against the SPAM step it accompanies, on LLaMA-shaped gradients;
+and of the forensics: the update records (the step with the monitor's hooks) and the attention logits (a
+forward pass of the model with them recorded, batch 16 × 128).
 
     python benchmarks/monitor_overhead.py                 # CPU, LLaMA-60M shapes; writes results/monitor_overhead.json
 """
@@ -10,12 +12,14 @@ import json
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from spamopt import SPAM
 from spamopt.experiments.lm.config import CONFIGS
+from spamopt.experiments.lm.model import Llama
 from spamopt.spikes import SpikeMonitor
 
 
@@ -53,6 +57,21 @@ def main() -> None:
                 monitor.observe()
                 results[f"observe_{mode}_ms"] = _median_ms(monitor.observe, args.repeats, args.device)
         results[f"observe_{mode}_vs_spam_step"] = results[f"observe_{mode}_ms"] / results["spam_step_ms"]
+    # update forensics: the step with the monitor's hooks (a copy of the parameters before, update RMS and
+    # moment norms after)
+    with tempfile.TemporaryDirectory() as run_dir:
+        with SpikeMonitor(named, run_dir, mode="tensor", optimizer=opt, updates=True, flush_every=10):
+            results["spam_step_with_update_forensics_ms"] = _median_ms(opt.step, args.repeats, args.device)
+    results["update_forensics_vs_spam_step"] = (results["spam_step_with_update_forensics_ms"]
+                                                / results["spam_step_ms"] - 1)
+    # attention-logit forensics: a forward pass of the model at a CPU training batch, with and without
+    model = Llama(replace(CONFIGS[args.model], max_positions=128)).to(args.device)
+    tokens = torch.randint(0, CONFIGS[args.model].vocab, (16, 128), generator=gen).to(args.device)
+    with torch.no_grad():
+        results["forward_ms"] = _median_ms(lambda: model(tokens), args.repeats, args.device)
+        model.record_attention_logits(True)
+        results["forward_with_attention_logits_ms"] = _median_ms(lambda: model(tokens), args.repeats, args.device)
+    results["attention_logits_vs_forward"] = results["forward_with_attention_logits_ms"] / results["forward_ms"] - 1
     report = {"device": args.device, "torch": torch.__version__, "model": args.model,
               "parameters": sum(p.numel() for _, p in named), "results": results}
     args.out.parent.mkdir(parents=True, exist_ok=True)
