@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -93,8 +94,12 @@ def main() -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         torch.save({"model": weights, "optim": state}, args.out)
     if dist.is_initialized():
-        dist.barrier()  # no rank tears the group down while another still talks to it
-        dist.destroy_process_group()
+        dist.barrier()  # every rank's work is done and written
+        # Leave without the interpreter's teardown: with gloo and DCP's threads it sometimes aborts ("terminate
+        # called without an active exception") after everything is saved, which torchrun reports as a failure.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
