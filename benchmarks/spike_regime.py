@@ -13,6 +13,13 @@ validation loss and whether the run diverged. Writes ``results/spike_regime.json
     python benchmarks/spike_regime.py --probes small-lr1e-2,small-lr1e-2-qknorm --seeds 0,1,2
     python benchmarks/spike_regime.py --list                           # the probes and their settings
     python benchmarks/spike_regime.py --table-only                     # the table of what has finished
+    python benchmarks/spike_regime.py --claims tiny-lr1e-1 --seeds 0,1,2  # the claims at a probe's settings
+
+``--claims PROBE`` measures the paper's claims at that probe's settings: ``spamopt compare`` of Adam with
+global-norm clipping, SPAM, SPAM with its features off, clipping only, reset only and Stable-SPAM, and AdamW
+with ``--nullify-spikes``, all with ``--forensics`` and the probe's seeds, in ``<out>/<probe>-claims``; AdamW is
+the probe's own runs (linked there as ``adamw``, same settings); then ``benchmarks/claims.py``'s paired
+intervals and the spike census of each optimizer by layer type.
 
 The data default to the Gutenberg shards in ``../shared/data/gutenberg`` when present (where the GPU census
 at 60M found block-weight spikes), else the embedded standard-library corpus; each row names its data.
@@ -47,6 +54,8 @@ PROBES: dict[str, dict[str, Any]] = {
     "tiny-lr1e-1-nowarmup": {"model": "tiny", "lr": 1e-1, "warmup_steps": 0},
     "tiny-lr1e-1-beta2-0.95": {"model": "tiny", "lr": 1e-1, "optimizer_args": {"betas": [0.9, 0.95]}},
     "tiny-lr1e-1-1500steps": {"model": "tiny", "lr": 1e-1, "steps": 1500, "warmup_steps": 150},
+    "tiny-lr1e-1-stdlib": {"model": "tiny", "lr": 1e-1, "data": "stdlib"},
+    "tiny-lr1e-1-qknorm-stdlib": {"model": "tiny", "lr": 1e-1, "qk_norm": True, "data": "stdlib"},
     "mini-lr1e-2": {},
     "mini-lr3e-2": {"lr": 3e-2},
     "mini-lr1e-1": {"lr": 1e-1},
@@ -68,6 +77,14 @@ PROBES: dict[str, dict[str, Any]] = {
     "small-lr1e-2-zloss": {"model": "small", "z_loss": 1e-4},
     "small-lr1e-2-eps1e-12": {"model": "small", "optimizer_args": {"eps": 1e-12}},
 }
+# SPAM's schedule scaled to a 600-step run as the pre-training study scales it (a reset every 100 steps, a
+# 30-step warmup after each: the paper's N = 0.3 ΔT), and the controls that isolate its two mechanisms.
+CLAIM_OPTIMIZERS = ("adam-clip,spam,spam-off=spam,spam-clip-only=spam,spam-reset-only=spam,stable-spam")
+CLAIM_ARGS = {"spam": {"reset_interval": 100, "warmup_steps": 30},
+              "spam-off": {"threshold": 0, "reset_interval": 0, "warmup_steps": 0},
+              "spam-clip-only": {"reset_interval": 0, "warmup_steps": 0}, "spam-reset-only": {"threshold": 0}}
+CLAIM_PAIRS = ("spam:adamw", "spam:adam-clip", "spam-off:adamw", "spam-clip-only:spam-off",
+               "spam-reset-only:spam-off", "stable-spam:adamw", "stable-spam:adam-clip", "nullify/adamw:adamw")
 GUTENBERG = Path(__file__).resolve().parents[2] / "shared" / "data" / "gutenberg"
 
 
@@ -85,10 +102,58 @@ def _arguments(settings: dict[str, Any]) -> list[str]:
 
 
 def _command(probe: str, seed: int, data: str, out: Path, **override: Any) -> list[str]:
-    settings = {**BASE, **PROBES[probe], "seed": seed, "data": data, "optimizer": "adamw",
+    settings = {**BASE, "data": data, **PROBES[probe], "seed": seed, "optimizer": "adamw",
                 "cache_dir": str(out / "cache"), "run_dir": str(out / probe / f"seed{seed}"), **override}
     return [sys.executable, "-m", "spamopt.cli", "train", *_arguments(settings), "--forensics", "--no-progress",
             "--resume"]
+
+
+def _compare_command(probe: str, seeds: list[int], data: str, out: Path, workers: int, optimizers: str,
+                     optimizer_args: dict[str, Any], *extra: str) -> list[str]:
+    """``spamopt compare`` at the probe's settings: the same flags as the probe's ``spamopt train`` runs, so
+    that seed for seed every run starts from the same weights and sees the same batches."""
+    settings = {key: value for key, value in {**BASE, "data": data, **PROBES[probe]}.items()
+                if key != "optimizer_args"}
+    settings.update(cache_dir=str(out.parent / "cache"), out_dir=str(out), workers=workers,
+                    seeds=",".join(map(str, seeds)), optimizers=optimizers, optimizer_args=optimizer_args)
+    return [sys.executable, "-m", "spamopt.cli", "compare", *_arguments(settings), "--forensics", "--no-progress",
+            *extra]
+
+
+def claims(probe: str, seeds: list[int], data: str, out: Path, workers: int, results: Path) -> None:
+    """The paper's claims at ``probe``'s settings (see the module's docstring)."""
+    if PROBES[probe].get("optimizer_args"):
+        raise SystemExit(f"--claims needs a probe with AdamW's default arguments, not {probe}")
+    target = out / f"{probe}-claims"
+    target.mkdir(parents=True, exist_ok=True)
+    adamw = target / "adamw"
+    if not adamw.exists():
+        adamw.symlink_to(Path("..") / probe, target_is_directory=True)
+    missing = [s for s in seeds if row(out / probe / f"seed{s}") is None]
+    if missing:
+        raise SystemExit(f"run the probe first: python benchmarks/spike_regime.py --probes {probe} "
+                         f"--seeds {','.join(map(str, missing))}")
+    compares = [_compare_command(probe, seeds, data, target, workers, CLAIM_OPTIMIZERS, CLAIM_ARGS),
+                _compare_command(probe, seeds, data, target / "nullify", workers, "adamw", {}, "--nullify-spikes")]
+    for command in compares:
+        if _run(command, target / "compare.log") != 0:
+            raise SystemExit(f"a comparison failed: see {target / 'compare.log'}")
+    subprocess.run([sys.executable, str(Path(__file__).with_name("claims.py")), str(target), *CLAIM_PAIRS,
+                    "--out", str(results.with_name(f"claims_{probe}.json"))], check=True)
+    labels = ["adamw", "adam-clip", "spam", "spam-off", "spam-clip-only", "spam-reset-only", "stable-spam",
+              "nullify/adamw"]
+    print("\n| optimizer | block spikes / M, per seed (attn, mlp, norm: mean) | largest attention logit, mean | "
+          "val loss, mean |\n| --- | --- | ---: | ---: |")
+    for label in labels:
+        rows = [found for s in seeds if (found := row(target / label / f"seed{s}")) is not None]
+        if not rows:
+            continue
+        mean = {k: sum(r["rates_per_million"].get(k, 0.0) for r in rows) / len(rows) for k in BLOCK_TYPES}
+        per_seed = ", ".join(f"{r['block_spikes_per_million']:.1f}" for r in rows)
+        print(f"| {label} | {per_seed} "
+              f"({', '.join(f'{mean[k]:.1f}' for k in BLOCK_TYPES)}) | "
+              f"{sum(r['max_attention_logit'] for r in rows) / len(rows):.3g} | "
+              f"{sum(r['val_loss'] for r in rows) / len(rows):.3f} |")
 
 
 def _run(command: list[str], log: Path) -> int:
@@ -159,7 +224,14 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=Path("results/spike_regime.json"))
     parser.add_argument("--list", action="store_true", help="print the probes and exit")
     parser.add_argument("--table-only", action="store_true", help="only tabulate the finished runs")
+    parser.add_argument("--claims", metavar="PROBE", help="measure the paper's claims at this probe's settings")
     args = parser.parse_args()
+    if args.claims:
+        if args.claims not in PROBES:
+            parser.error(f"unknown probe {args.claims!r}; --list shows them")
+        claims(args.claims, [int(s) for s in args.seeds.split(",")], args.data, args.out, args.workers,
+               args.results)
+        return
     probes = [p for p in args.probes.split(",") if p]
     unknown = [p for p in probes if p not in PROBES]
     if unknown:
@@ -172,10 +244,12 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     if not args.table_only:
         args.out.mkdir(parents=True, exist_ok=True)
-        # tokenize once, so that the runs side by side do not race on the cache
-        tokenize = _command(probes[0], seeds[0], args.data, args.out, steps=1, run_dir=str(args.out / "tokenize"))
-        if _run([*tokenize[:-1], "--overwrite"], args.out / "tokenize.log") != 0:
-            raise SystemExit(f"tokenizing failed: see {args.out / 'tokenize.log'}")
+        # tokenize each corpus once, so that the runs side by side do not race on the cache
+        first_of_each = {PROBES[p].get("data", args.data): p for p in reversed(probes)}
+        for probe in first_of_each.values():
+            tokenize = _command(probe, seeds[0], args.data, args.out, steps=1, run_dir=str(args.out / "tokenize"))
+            if _run([*tokenize[:-1], "--overwrite"], args.out / "tokenize.log") != 0:
+                raise SystemExit(f"tokenizing failed: see {args.out / 'tokenize.log'}")
         jobs = [(p, s) for p in probes for s in seeds if row(args.out / p / f"seed{s}") is None]
         with ThreadPoolExecutor(args.workers) as pool:
             codes = list(pool.map(lambda job: _run(_command(*job, args.data, args.out),
