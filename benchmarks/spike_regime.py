@@ -143,7 +143,7 @@ def claims(probe: str, seeds: list[int], data: str, out: Path, workers: int, res
     labels = ["adamw", "adam-clip", "spam", "spam-off", "spam-clip-only", "spam-reset-only", "stable-spam",
               "nullify/adamw"]
     print("\n| optimizer | block spikes / M, per seed (attn, mlp, norm: mean) | largest attention logit, mean | "
-          "val loss, mean |\n| --- | --- | ---: | ---: |")
+          "coordinates clipped, mean | val loss, mean |\n| --- | --- | ---: | ---: | ---: |")
     for label in labels:
         rows = [found for s in seeds if (found := row(target / label / f"seed{s}")) is not None]
         if not rows:
@@ -153,6 +153,7 @@ def claims(probe: str, seeds: list[int], data: str, out: Path, workers: int, res
         print(f"| {label} | {per_seed} "
               f"({', '.join(f'{mean[k]:.1f}' for k in BLOCK_TYPES)}) | "
               f"{sum(r['max_attention_logit'] for r in rows) / len(rows):.3g} | "
+              f"{sum(r['clipped'] for r in rows) / len(rows):,.0f} | "
               f"{sum(r['val_loss'] for r in rows) / len(rows):.3f} |")
 
 
@@ -185,6 +186,7 @@ def row(run_dir: Path) -> dict[str, Any] | None:
         "max_block_gss": max_block_gss,
         "loss_spikes": [e["step"] for e in spikes["loss_spikes"]],
         "max_attention_logit": max(logits, default=math.nan),
+        "clipped": spikes["clipped"],  # coordinates the optimizer's spike-aware clipping clipped, all steps
         "val_loss": summary.get("val_loss"),
         "diverged": summary.get("diverged"),
         "data": Path(config["data"]).name,
