@@ -97,3 +97,47 @@ def test_masks_follow_the_process_seed():
 
     assert torch.equal(first_mask(1), first_mask(1))
     assert not torch.equal(first_mask(1), first_mask(2))
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
+def test_gather_and_scatter_move_exactly_the_kept_coordinates_in_row_major_order(transposed):
+    """The indexed copies equal torch's boolean-mask copies (``masked_select`` / ``masked_scatter_``, the oracle)
+    for a contiguous matrix and a transposed view of one."""
+    numel = 4096 + 300
+    bits = sparse.draw_mask(numel, 0.25, seed=5, generation=1, device="cpu")
+    mask = sparse.unpack_mask(bits, numel)
+    kept = sparse.kept_index(bits, numel)
+    assert kept.dtype == torch.int64 and torch.equal(kept, mask.nonzero().squeeze(1))
+    base = torch.randn(numel).view(4396 // 4, 4)
+    tensor = base.t() if transposed else base
+    assert tensor.is_contiguous() is not transposed
+    shaped = mask.view(tensor.shape)
+    assert torch.equal(sparse.gather(tensor, kept), tensor.masked_select(shaped))
+    values = torch.randn(len(kept))
+    expected = tensor.clone().masked_scatter_(shaped, values)
+    sparse.scatter_(tensor, kept, values)
+    assert torch.equal(tensor, expected)
+
+
+@pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
+def test_sparse_momentum_steps_under_torch_deterministic_mode(foreach):
+    """``torch.use_deterministic_algorithms(True)`` refuses some indexed writes (``put_``); a sparse step must not
+    use them, and gives the same weights as without the mode."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(64, 96)) for _ in range(2)]
+    grads = [torch.randn(64, 96) for _ in range(3)]
+    results = []
+    for deterministic in (False, True):
+        params = [torch.nn.Parameter(w.detach().clone()) for w in weights]
+        opt = SPAM(params, density=0.25, foreach=foreach, compiled=False)
+        previous = torch.are_deterministic_algorithms_enabled()
+        torch.use_deterministic_algorithms(deterministic)
+        try:
+            for g in grads:
+                for p in params:
+                    p.grad = g.clone()
+                opt.step()
+        finally:
+            torch.use_deterministic_algorithms(previous)
+        results.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*results))

@@ -146,11 +146,11 @@ def real_view(t: Tensor) -> Tensor:
     return torch.view_as_real(t) if t.is_complex() else t
 
 
-def gradient_copy(grad: Tensor, mask: Tensor | None, keep: Tensor | None, maximize: bool, dtype: torch.dtype,
+def gradient_copy(grad: Tensor, kept: Tensor | None, keep: Tensor | None, maximize: bool, dtype: torch.dtype,
                    inverse_scale: Tensor | None) -> Tensor:
-    """A private, finite, unscaled copy of the gradient in ``dtype`` (kept coordinates only for a sparse
-    parameter)."""
-    g = grad if mask is None else sparse.gather(grad, mask)
+    """A private, finite, unscaled copy of the gradient in ``dtype`` (for a sparse parameter only its kept
+    coordinates, ``kept`` from :func:`.sparse.kept_index`)."""
+    g = grad if kept is None else sparse.gather(grad, kept)
     if keep is None:  # no skipping: non-finite coordinates count as zero gradient
         g = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
     else:

@@ -93,10 +93,10 @@ def _single_tensor_spam(
     ):
         param, grad, exp_avg, exp_avg_sq = real_view(param), real_view(grad), real_view(exp_avg), real_view(exp_avg_sq)
         keep_here, keep_float = keep_on(keep, param.device)
-        mask = None if bits is None else sparse.unpack_mask(bits, param.numel())
-        g = gradient_copy(grad, mask, keep_here, h.maximize, exp_avg.dtype, unscale)
+        kept = None if bits is None else sparse.kept_index(bits, param.numel())
+        g = gradient_copy(grad, kept, keep_here, h.maximize, exp_avg.dtype, unscale)
         full = param.to(exp_avg.dtype)  # half-precision params: update in fp32, round once at the end
-        work = full if mask is None else sparse.gather(full, mask)
+        work = full if kept is None else sparse.gather(full, kept)
 
         if h.reset:
             exp_avg.zero_()
@@ -122,8 +122,8 @@ def _single_tensor_spam(
         step_size = _step_sizes([step], h, h.warmup_multiplier * keep_float, exp_avg.dtype)[0]
         update = exp_avg_sq.sqrt().add_(h.eps).reciprocal_().mul_(step_size)
         work.addcmul_(exp_avg, update)
-        if mask is not None:
-            sparse.scatter_(full, mask, work)
+        if kept is not None:
+            sparse.scatter_(full, kept, work)
         if h.weight_decay != 0:
             full.mul_(1.0 - h.lr * h.weight_decay * keep_float)
         if full is not param:
@@ -152,10 +152,10 @@ def _multi_tensor_spam(
         full = [p.to(m.dtype) for p, m in zip(originals, ms)]  # half precision: fp32 math, one rounding
         vs = [real_view(exp_avg_sqs[i]) for i in index]
         ks = [steps[i] for i in index]
-        bools = {i: sparse.unpack_mask(mask_bits[i], reals[i].numel()) for i in index if mask_bits[i] is not None}
-        gs = [gradient_copy(real_view(grads[i]), bools.get(i), keep_here, h.maximize, m.dtype, unscale)
+        kept = {i: sparse.kept_index(mask_bits[i], reals[i].numel()) for i in index if mask_bits[i] is not None}
+        gs = [gradient_copy(real_view(grads[i]), kept.get(i), keep_here, h.maximize, m.dtype, unscale)
               for i, m in zip(index, ms)]
-        work = [p if i not in bools else sparse.gather(p, bools[i]) for i, p in zip(index, full)]
+        work = [p if i not in kept else sparse.gather(p, kept[i]) for i, p in zip(index, full)]
 
         if h.reset:
             torch._foreach_zero_(ms)
@@ -193,8 +193,8 @@ def _multi_tensor_spam(
         del updates
 
         for i, p, w in zip(index, full, work):
-            if i in bools:
-                sparse.scatter_(p, bools[i], w)
+            if i in kept:
+                sparse.scatter_(p, kept[i], w)
         if h.weight_decay != 0:
             decay = 1.0 - h.lr * h.weight_decay * keep_float
             torch._foreach_mul_(full, decay if isinstance(decay, Number) else decay.to(ms[0].dtype))
@@ -313,11 +313,11 @@ def _compiled_spam(
                 clipped = kernel(work, flat(grad), flat_m, flat_v, size, scalars)
                 compiled.write_back(((param, work), (m, flat_m), (v, flat_v)))
             else:
-                mask = sparse.unpack_mask(mask_bits[i], param.numel())
+                kept = sparse.kept_index(mask_bits[i], param.numel())
                 full = param.to(m.dtype)
-                work = sparse.gather(full, mask)
-                clipped = kernel(flat(work), sparse.gather(grad, mask), flat(m), flat(v), size, sparse_scalars)
-                sparse.scatter_(full, mask, work)
+                work = sparse.gather(full, kept)
+                clipped = kernel(flat(work), sparse.gather(grad, kept), flat(m), flat(v), size, sparse_scalars)
+                sparse.scatter_(full, kept, work)
                 if h.weight_decay != 0:
                     full.mul_(decay.to(full.dtype))
                 if full is not param:
