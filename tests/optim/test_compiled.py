@@ -127,6 +127,49 @@ def test_the_threaded_build_matches_the_for_loop(optimizer):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
 
 
+_ONE_THEN_TWO_THREADS = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from spamopt import SPAM, StableSPAM
+from streams import set_grads, spiky_gradients
+shapes = [(300, 300), (7,)]
+stream = spiky_gradients(shapes, 8, seed=5, spike_rate=0.01)
+for optimizer in (SPAM, StableSPAM):
+    results = []
+    for implementation in ({{"foreach": False}}, {{"compiled": True}}):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+        opt = optimizer(params, lr=1e-2, reset_interval=5, **implementation)
+        for i, grads in enumerate(stream):
+            torch.set_num_threads(1 if i == 0 else 2)  # compiled during the first step, on one thread
+            set_grads(params, grads)
+            opt.step()
+        results.append((params, [float(s["step"]) for s in opt.state.values()]))
+    (ref, ref_steps), (got, got_steps) = results
+    assert got_steps == ref_steps, (optimizer.__name__, got_steps, ref_steps)
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+"""
+
+
+def test_kernels_compiled_on_one_thread_run_right_on_two(tmp_path):
+    """torch.compile generates a C++ kernel for the thread count of the process compiling it, and its disk
+    cache hands the kernel to every later process. Stable-SPAM's kernel once advanced the step counters inside
+    its last parallel loop: compiled on one thread and called on two, every thread advanced them, so k and n
+    counted each step twice and the debiasing went wrong (0.006 off after 8 steps). Here, in a fresh process
+    and cache, both optimizers compile on one thread and then step on two, and must still match the for-loop,
+    counters included."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = _ONE_THEN_TWO_THREADS.format(tests=str(Path(__file__).parent))
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"), "OMP_NUM_THREADS": "2"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
 def test_flags_are_checked():
     param = torch.nn.Parameter(torch.randn(3))
     with pytest.raises(ValueError, match="Invalid foreach/compiled values"):

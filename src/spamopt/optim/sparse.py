@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["STRATUM", "kept_count", "kept_per_stratum", "param_seed", "draw_mask", "unpack_mask", "kept_index", "slice_bits",
-           "count_kept", "gather", "scatter_"]
+__all__ = ["STRATUM", "kept_count", "kept_per_stratum", "param_seed", "draw_mask", "unpack_mask", "kept_index",
+           "slice_bits", "count_kept", "gather", "scatter_"]
 
 STRATUM = 4096
 _ROWS_PER_DRAW = 256  # strata drawn together: bounds the drawing temporaries to ~12 MiB

@@ -202,14 +202,15 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
         for i, m, v, row in zip(index, ms, vs, corrections):
             param, stats = reals[i].detach(), statistics[i]
             work, flat_m, flat_v = compiled.flat_view(param), compiled.flat_view(m), compiled.flat_view(v)
-            # The 0-dim counters and statistics go in as 1-element tensors: torch.compile drops in-place writes
-            # to 0-dim float64 CPU inputs (torch 2.13), which float64 parameters' statistics are.
-            counters = [compiled.flat_view(t) for t in (steps[i], stats["stat_step"], stats["max_ema"],
-                                                        stats["norm_ema"], stats["norm_sq_ema"])]
+            # The 0-dim statistics go in as 1-element tensors: torch.compile drops in-place writes to 0-dim
+            # float64 CPU inputs (torch 2.13), which float64 parameters' statistics are.
+            counters = [compiled.flat_view(stats[key]) for key in ("max_ema", "norm_ema", "norm_sq_ema")]
             kernel = compiled.stable_spam_kernel(h.adaclip, h.adagn, compiled.parallel(m.numel()))
             # A row that is no view (clone): the kernel is guarded on no base tensor.
             kernel(work, compiled.flat_view(real_view(grads[i])), flat_m, flat_v, *counters, scalars, row.clone())
             compiled.write_back(((param, work), (m, flat_m), (v, flat_v)))
+        for counter in [steps[i] for i in index] + [statistics[i]["stat_step"] for i in index]:
+            counter.add_(keep_float.to(counter.dtype))
 
 
 def stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
