@@ -13,20 +13,16 @@ turn. LLaMA-60M shapes, interleaved steps, medians; writes JSON.
 
 from __future__ import annotations
 
-import argparse
 import functools
-import json
-import statistics
-import time
 from contextlib import contextmanager, nullcontext
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from spamopt import SPAM, StableSPAM
-from spamopt.experiments.lm.config import CONFIGS
 from spamopt.optim import compiled
+
+from side_by_side import arguments, interleaved_medians, llama_parameters, report
 
 
 # Own functions (so own compile caches) around the library's kernel bodies.
@@ -69,19 +65,8 @@ def inlined_scalars():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="60m", choices=sorted(CONFIGS))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--out", type=Path, default=Path("results/compiled_scalars.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    generator = torch.Generator().manual_seed(0)
-    params = []
-    for shape in CONFIGS[args.model].parameter_shapes().values():
-        p = torch.nn.Parameter(torch.randn(shape, generator=generator).mul_(0.02))
-        p.grad = torch.randn(shape, generator=generator).mul_(1e-3)
-        params.append(p)
+    args = arguments(__doc__, "results/compiled_scalars.json", repeats=7)
+    params = [p for _, p in llama_parameters(args.model)]
     optimizers = {
         "adamw_fused": torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True),
         "spam_compiled": SPAM(params, lr=1e-3, compiled=True, clip_delay=0),
@@ -89,33 +74,11 @@ def main() -> None:
         "stable_spam_compiled": StableSPAM(params, lr=1e-3, compiled=True),
         "stable_spam_compiled_inlined": StableSPAM(params, lr=1e-3, compiled=True),
     }
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
-
-    def step(name: str) -> None:
-        with inlined_scalars() if name.endswith("inlined") else nullcontext():
-            start = time.perf_counter()
-            optimizers[name].step()
-            times[name].append(time.perf_counter() - start)
-
-    for name in optimizers:  # warm-up: state, compilation
-        step(name), step(name)
-    for values in times.values():
-        values.clear()
-    for _ in range(args.repeats):  # interleaved: a change in the machine's load touches every row alike
-        for name in optimizers:
-            step(name)
-    median = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-    rows = {name: {"ms_per_step": ms, "vs_adamw_fused": ms / median["adamw_fused"]} for name, ms in median.items()}
-    for base in ("spam_compiled", "stable_spam_compiled"):
-        rows[base]["speedup_vs_inlined"] = median[f"{base}_inlined"] / median[base]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "threads": args.threads, "repeats": args.repeats,
-                                    "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
-    print("| implementation | ms/step | vs AdamW fused | scalars once vs inlined |\n| --- | ---: | ---: | ---: |")
-    for name, row in rows.items():
-        speedup = f"{row['speedup_vs_inlined']:.2f}x" if "speedup_vs_inlined" in row else ""
-        print(f"| {name} | {row['ms_per_step']:.1f} | {row['vs_adamw_fused']:.2f} | {speedup} |")
-    print(f"wrote {args.out}")
+    median = interleaved_medians(
+        optimizers, lambda name: inlined_scalars() if name.endswith("inlined") else nullcontext(), args.repeats)
+    pairs = {base: f"{base}_inlined" for base in ("spam_compiled", "stable_spam_compiled")}
+    report(median, "adamw_fused", pairs, "scalars once vs inlined", args.out,
+           {"model": args.model, "threads": args.threads, "repeats": args.repeats})
 
 
 if __name__ == "__main__":

@@ -13,18 +13,15 @@ ones for its turn. Writes JSON.
 
 from __future__ import annotations
 
-import argparse
-import json
-import statistics
-import time
-from contextlib import contextmanager
-from pathlib import Path
+from contextlib import contextmanager, nullcontext
 
 import torch
 
 from spamopt import SPAM
-from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
+from spamopt.experiments.lm.config import is_block_matrix
 from spamopt.optim import sparse
+
+from side_by_side import arguments, interleaved_medians, llama_parameters, report
 
 
 @contextmanager
@@ -41,19 +38,8 @@ def boolean_mask_copies():
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="60m", choices=sorted(CONFIGS))
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=Path("results/sparse_copies.json"))
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    generator = torch.Generator().manual_seed(0)
-    named = []
-    for name, shape in CONFIGS[args.model].parameter_shapes().items():
-        p = torch.nn.Parameter(torch.randn(shape, generator=generator).mul_(0.02))
-        p.grad = torch.randn(shape, generator=generator).mul_(1e-3)
-        named.append((name, p))
+    args = arguments(__doc__, "results/sparse_copies.json", repeats=5)
+    named = llama_parameters(args.model)
     params = [p for _, p in named]
     groups = [{"params": [p for n, p in named if is_block_matrix(n, p.shape)], "density": 0.25},
               {"params": [p for n, p in named if not is_block_matrix(n, p.shape)]}]
@@ -62,32 +48,11 @@ def main() -> None:
         flags = {"foreach": implementation == "foreach", "compiled": implementation == "compiled"}
         for copies in ("indexed", "boolean"):
             optimizers[f"spam_sparse25_{implementation}_{copies}"] = SPAM(groups, lr=1e-3, clip_delay=0, **flags)
-    times: dict[str, list[float]] = {name: [] for name in optimizers}
-
-    def step(name: str) -> float:
-        with boolean_mask_copies() if name.endswith("boolean") else contextmanager(lambda: (yield))():
-            start = time.perf_counter()
-            optimizers[name].step()
-            return time.perf_counter() - start
-
-    for name in optimizers:  # warm-up: state creation and compilation
-        step(name), step(name)
-    for _ in range(args.repeats):  # interleaved, so a change in the machine's load touches every row alike
-        for name in optimizers:
-            times[name].append(step(name))
-    median = {name: 1e3 * statistics.median(values) for name, values in times.items()}
-    rows = {name: {"ms_per_step": ms, "vs_adamw_fused": ms / median["adamw_fused"]} for name, ms in median.items()}
-    for implementation in ("foreach", "compiled"):
-        base = f"spam_sparse25_{implementation}"
-        rows[f"{base}_indexed"]["speedup_vs_boolean"] = median[f"{base}_boolean"] / median[f"{base}_indexed"]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"model": args.model, "threads": args.threads, "repeats": args.repeats,
-                                    "torch": torch.__version__, "rows": rows}, indent=2) + "\n")
-    print("| implementation | ms/step | vs AdamW fused | indexed vs boolean |\n| --- | ---: | ---: | ---: |")
-    for name, row in rows.items():
-        speedup = f"{row['speedup_vs_boolean']:.2f}x" if "speedup_vs_boolean" in row else ""
-        print(f"| {name} | {row['ms_per_step']:.1f} | {row['vs_adamw_fused']:.2f} | {speedup} |")
-    print(f"wrote {args.out}")
+    median = interleaved_medians(
+        optimizers, lambda name: boolean_mask_copies() if name.endswith("boolean") else nullcontext(), args.repeats)
+    pairs = {f"spam_sparse25_{i}_indexed": f"spam_sparse25_{i}_boolean" for i in ("foreach", "compiled")}
+    report(median, "adamw_fused", pairs, "indexed vs boolean", args.out,
+           {"model": args.model, "threads": args.threads, "repeats": args.repeats})
 
 
 if __name__ == "__main__":
