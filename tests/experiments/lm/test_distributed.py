@@ -95,8 +95,14 @@ def test_a_two_process_fsdp_checkpoint_resumes_in_one_process(single, optimizer,
     """The other direction: an FSDP2 run on 2 processes checkpoints at step 3; one process resumes it to step 6
     and ends where a single process that ran all 6 steps ends (to the tolerance above), and its first
     checkpoint holds what the two processes saved. A constant learning rate, so that the schedule does not
-    depend on the run's length."""
+    depend on the run's length.
+
+    At a constant rate the first steps amplify the summation-order difference of the 2-process half: weights
+    perturbed by 2.5e-7 at step 3 end step 6 up to 5e-6 away for AdamW, 1.5e-5 for SPAM and 4.7e-5 for
+    Stable-SPAM (measured), and this test's Stable-SPAM weights were 4.1e-6 away on one machine and over 1e-5 on
+    another. So Stable-SPAM gets 1e-4: resuming with its AdaClip or AdaGN statistics lost ends 6e-3 away."""
     options = {} if optimizer == "stable-spam" else single.optimizer_args
+    tolerance = 1e-4 if optimizer == "stable-spam" else 1e-5
     alone = replace(single, optimizer=optimizer, optimizer_args=options, warmup_steps=0, min_lr_ratio=1.0,
                     run_dir=str(tmp_path / "single"))
     train(alone)
@@ -110,7 +116,7 @@ def test_a_two_process_fsdp_checkpoint_resumes_in_one_process(single, optimizer,
         assert torch.equal(previous["model"][name], value)
     reference = _weights(alone.run_dir)
     for name, value in _weights(sharded.run_dir).items():
-        torch.testing.assert_close(value, reference[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(value, reference[name], rtol=0, atol=tolerance, msg=name)
 
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
