@@ -19,7 +19,8 @@ validation loss and whether the run diverged. Writes ``results/spike_regime.json
 global-norm clipping, SPAM, SPAM with its features off, clipping only, reset only and Stable-SPAM, and AdamW
 with ``--nullify-spikes``, all with ``--forensics`` and the probe's seeds, in ``<out>/<probe>-claims``; AdamW is
 the probe's own runs (linked there as ``adamw``, same settings); then ``benchmarks/claims.py``'s paired
-intervals and the spike census of each optimizer by layer type.
+intervals, the spike census of each optimizer by layer type, and a figure of the first seed's runs side by side
+(loss, largest attention logit, block-weight spikes so far, per step) in ``docs/images/spike-regime-claims-PROBE.png``.
 
 The data default to the Gutenberg shards in ``../shared/data/gutenberg`` when present (where the GPU census
 at 60M found block-weight spikes), else the embedded standard-library corpus; each row names its data.
@@ -142,6 +143,7 @@ def claims(probe: str, seeds: list[int], data: str, out: Path, workers: int, res
                     "--out", str(results.with_name(f"claims_{probe}.json"))], check=True)
     labels = ["adamw", "adam-clip", "spam", "spam-off", "spam-clip-only", "spam-reset-only", "stable-spam",
               "nullify/adamw"]
+    print(figure(target, labels, seeds[0], Path("docs/images") / f"spike-regime-claims-{probe}.png"))
     print("\n| optimizer | block spikes / M, per seed (attn, mlp, norm: mean) | largest attention logit, mean | "
           "coordinates clipped, mean | val loss, mean |\n| --- | --- | ---: | ---: | ---: |")
     for label in labels:
@@ -155,6 +157,45 @@ def claims(probe: str, seeds: list[int], data: str, out: Path, workers: int, res
               f"{sum(r['max_attention_logit'] for r in rows) / len(rows):.3g} | "
               f"{sum(r['clipped'] for r in rows) / len(rows):,.0f} | "
               f"{sum(r['val_loss'] for r in rows) / len(rows):.3f} |")
+
+
+def figure(target: Path, labels: list[str], seed: int, path: Path) -> Path:
+    """One seed's runs of every optimizer side by side: training loss (a 20-step mean), the largest attention logit of any layer,
+    and the block-weight coordinates that have spiked so far (GSS > 50), per step."""
+    from spamopt.plotting import pyplot, save
+
+    plt = pyplot()
+    fig, (loss_ax, logit_ax, spike_ax) = plt.subplots(3, 1, figsize=(10, 9), sharex=True)
+    for label in labels:
+        run_dir = target / label / f"seed{seed}"
+        if not (run_dir / "summary.json").exists():
+            continue
+        records = load_records(run_dir / "spikes")
+        raw = [(r["step"], r["loss"]) for r in records if r["kind"] == "loss"]
+        # a 20-step running mean: eight noisy curves on one axis are unreadable
+        losses = [(step, sum(v for _, v in raw[max(0, i - 19):i + 1]) / len(raw[max(0, i - 19):i + 1]))
+                  for i, (step, _) in enumerate(raw)]
+        logits = [(r["step"], max(v for k, v in r["values"].items() if k.startswith("max_attention_logit")))
+                  for r in records if r["kind"] == "signals"]
+        per_step = summarize(records)["spikes_per_step"]
+        block, total = [], 0
+        for step, counts in sorted(per_step.items()):
+            total += sum(counts.get(k, 0) for k in BLOCK_TYPES)
+            block.append((step, total))
+        for ax, points in ((loss_ax, losses), (logit_ax, logits), (spike_ax, block)):
+            if points:
+                ax.plot(*zip(*points), lw=0.9, label=label)
+    loss_ax.set_ylabel("training loss\n(20-step mean)")
+    loss_ax.set_title(f"{target.name.removesuffix('-claims')}, seed {seed}: each optimizer")
+    loss_ax.legend(ncol=4, fontsize=8)
+    logit_ax.set_yscale("log")
+    logit_ax.set_ylabel("largest attention logit")
+    spike_ax.set_yscale("symlog")
+    spike_ax.set_ylim(bottom=0)
+    spike_ax.set_ylabel("block-weight spikes\nso far (GSS > 50)")
+    spike_ax.set_xlabel("step")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return save(fig, path)
 
 
 def _run(command: list[str], log: Path) -> int:
