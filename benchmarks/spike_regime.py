@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import subprocess
 import sys
@@ -38,10 +37,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from spamopt.spikes.layers import layer_type
-from spamopt.spikes.report import load_records, summarize
+from spamopt.spikes.layers import BLOCK_TYPES
+from spamopt.spikes.report import census, load_records, summarize
 
-BLOCK_TYPES = ("attention", "mlp", "norm")
 BASE = {"model": "mini", "seq_len": 128, "batch_size": 16, "steps": 600, "warmup_steps": 60, "lr": 1e-2,
         "eval_every": 100, "checkpoint_every": 100, "eval_tokens": 32768, "max_train_tokens": 4_000_000}
 # One or two settings changed from BASE per probe; ordered cheapest first (tiny and mini: minutes per run on one
@@ -210,33 +208,15 @@ def _run(command: list[str], log: Path) -> int:
 
 
 def row(run_dir: Path) -> dict[str, Any] | None:
-    """The table's figures for one finished run (None if it has not finished)."""
+    """The table's figures for one finished run (None if it has not finished): :func:`census`'s, the final
+    validation loss, divergence and the data's name."""
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         return None
     summary = json.loads(summary_path.read_text())
-    records = load_records(run_dir / "spikes")
-    spikes = summarize(records)
-    rates = {kind: 1e6 * v["spikes"] / v["observations"] if v["observations"] else 0.0
-             for kind, v in spikes["by_type"].items()}
-    block = [spikes["by_type"][k] for k in BLOCK_TYPES if k in spikes["by_type"]]
-    observations = sum(v["observations"] for v in block)
-    max_block_gss = max((r["max_gss"] for r in records if r["kind"] == "tensor" and "max_gss" in r
-                         and layer_type(r["name"]) in BLOCK_TYPES), default=0.0)
-    logits = [value for r in records if r["kind"] == "signals"
-              for name, value in r["values"].items() if name.startswith("max_attention_logit")]
     config = json.loads((run_dir / "config.json").read_text())
-    return {
-        "block_spikes_per_million": 1e6 * sum(v["spikes"] for v in block) / observations if observations else 0.0,
-        "rates_per_million": rates,
-        "max_block_gss": max_block_gss,
-        "loss_spikes": [e["step"] for e in spikes["loss_spikes"]],
-        "max_attention_logit": max(logits, default=math.nan),
-        "clipped": spikes["clipped"],  # coordinates the optimizer's spike-aware clipping clipped, all steps
-        "val_loss": summary.get("val_loss"),
-        "diverged": summary.get("diverged"),
-        "data": Path(config["data"]).name,
-    }
+    return {**census(load_records(run_dir / "spikes")), "val_loss": summary.get("val_loss"),
+            "diverged": summary.get("diverged"), "data": Path(config["data"]).name}
 
 
 def table(out: Path, probes: list[str]) -> tuple[dict[str, Any], str]:

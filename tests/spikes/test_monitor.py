@@ -10,7 +10,7 @@ import torch
 
 from spamopt import SPAM
 from spamopt.spikes import SpikeMonitor, depth, layer_type
-from spamopt.spikes.report import build_report, load_records, summarize
+from spamopt.spikes.report import build_report, census, load_records, summarize
 
 
 def _named(shapes):
@@ -368,6 +368,40 @@ def test_update_forensics_against_an_oracle(tmp_path):
 def test_update_forensics_need_the_optimizer(tmp_path):
     with pytest.raises(ValueError, match="updates"):
         SpikeMonitor(_named(SHAPES), tmp_path, updates=True)
+
+
+def test_census_rates_count_planted_spikes_per_million_coordinate_steps(tmp_path):
+    """Spikes planted in a block weight (2 in the attention q matrix, 1 in a norm weight) and in the head (3)
+    over 100 steps of sign noise: ``census`` gives each layer type's count per million coordinate-steps
+    (q: 48 coordinates, norm: 8, head: 32, observed each step), the block weights' rate over both, the
+    largest attention logit passed as a signal, and NaN for a run that recorded none."""
+    rng = np.random.default_rng(0)
+    named = _named(SHAPES)
+    planted = {(85, "layers.0.attn.q.weight"): [(0, 1), (5, 7)], (88, "layers.0.attn_norm.weight"): [(2,)],
+               (90, "head.weight"): [(1, 2), (3, 7), (0, 0)]}
+    with SpikeMonitor(named, tmp_path / "logits", flush_every=7) as monitor:
+        for step in range(1, 101):
+            for name, p in named:
+                g = (0.1 * rng.choice([-1, 1], size=p.shape)).astype(np.float32)
+                for coord in planted.get((step, name), []):
+                    g[coord] *= 1000.0
+                p.grad = torch.from_numpy(g)
+            monitor.observe(signals={"max_attention_logit.layers.0": 3.0 + (step == 40) * 100.0})
+    found = census(load_records(tmp_path / "logits"))
+    observed = 100  # steps at which every coordinate is observed
+    assert found["rates_per_million"]["attention"] == pytest.approx(1e6 * 2 / (48 * observed))
+    assert found["rates_per_million"]["norm"] == pytest.approx(1e6 * 1 / (8 * observed))
+    assert found["rates_per_million"]["head"] == pytest.approx(1e6 * 3 / (32 * observed))
+    assert found["block_spikes_per_million"] == pytest.approx(1e6 * 3 / ((48 + 8) * observed))
+    assert found["max_block_gss"] > 50
+    assert found["max_attention_logit"] == 103.0
+    assert found["clipped"] == 0
+    with SpikeMonitor(named, tmp_path / "plain") as monitor:
+        for _ in range(3):
+            for _, p in named:
+                p.grad = torch.ones_like(p)
+            monitor.observe()
+    assert np.isnan(census(load_records(tmp_path / "plain"))["max_attention_logit"])
 
 
 def test_signals_are_recorded_per_step(tmp_path):

@@ -5,6 +5,9 @@ from __future__ import annotations
 import re
 
 LAYER_TYPES = ("embedding", "attention", "mlp", "norm", "head", "other")
+# the transformer blocks' weights: where the paper's spikes matter (embedding and head rows of rare tokens
+# spike whenever their token appears, in any run)
+BLOCK_TYPES = ("attention", "mlp", "norm")
 
 _PATTERNS = [
     ("norm", re.compile(r"(^|[._])(norm|ln|layernorm|rmsnorm)[^.]*(\.|$)|_norm\b|norm\d*\.", re.I)),

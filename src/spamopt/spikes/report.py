@@ -8,7 +8,7 @@ from typing import Any
 
 from ..jsonl import read_jsonl
 from ..plotting import pyplot, save
-from .layers import LAYER_TYPES, layer_type
+from .layers import BLOCK_TYPES, LAYER_TYPES, layer_type
 from .monitor import RECORDS_FILE
 
 
@@ -59,6 +59,34 @@ def summarize(records: list[dict[str, Any]]) -> dict[str, Any]:
         "resets": [r["step"] for r in optimizer if r["reset"]],
         "skipped": [r["step"] for r in optimizer if r["skipped"]],
         "histogram": _histogram(records, meta),
+    }
+
+
+def census(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """A monitored run's spike figures: spikes (GSS above the monitor's threshold) per million
+    coordinate-steps by layer type and over the block weights (:data:`~spamopt.spikes.layers.BLOCK_TYPES`),
+    the largest block-weight GSS, the largest attention logit ``max q·k/√d`` of any layer and step (NaN when
+    the run did not record forensics), the loss spikes' steps (:func:`loss_spikes`) and the coordinates the
+    optimizer's spike-aware clipping clipped over all steps."""
+    import math
+
+    summary = summarize(records)
+    by_type = summary["by_type"]
+    rates = {kind: 1e6 * v["spikes"] / v["observations"] if v["observations"] else 0.0
+             for kind, v in by_type.items()}
+    block = [by_type[kind] for kind in BLOCK_TYPES if kind in by_type]
+    observations = sum(v["observations"] for v in block)
+    max_block_gss = max((r["max_gss"] for r in records if r["kind"] == "tensor" and "max_gss" in r
+                         and layer_type(r["name"]) in BLOCK_TYPES), default=0.0)
+    logits = [value for r in records if r["kind"] == "signals"
+              for name, value in r["values"].items() if name.startswith("max_attention_logit")]
+    return {
+        "rates_per_million": rates,
+        "block_spikes_per_million": 1e6 * sum(v["spikes"] for v in block) / observations if observations else 0.0,
+        "max_block_gss": max_block_gss,
+        "max_attention_logit": max(logits, default=math.nan),
+        "loss_spikes": [e["step"] for e in summary["loss_spikes"]],
+        "clipped": summary["clipped"],
     }
 
 

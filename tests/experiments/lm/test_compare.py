@@ -32,6 +32,26 @@ def test_compare_writes_a_report_with_mean_and_std_over_seeds(small_run, tmp_pat
     assert (out / "spam" / "seed0" / "summary.json").stat().st_mtime_ns == stamp
 
 
+def test_the_report_gives_the_spike_census_of_monitored_runs(small_run, tmp_path):
+    """With ``--forensics`` the report has a row per optimizer holding each seed's block-weight spike rate and
+    the largest attention logit, the figures ``spamopt.spikes.report.census`` computes from that run's own
+    records; without telemetry it has no spike table."""
+    pytest.importorskip("matplotlib")
+    from spamopt.spikes.report import census, load_records
+
+    base = replace(small_run, steps=4, checkpoint_every=0, eval_every=0, forensics=True)
+    out = tmp_path / "monitored"
+    report = compare(CompareConfig(optimizers="spam,adamw", seeds="0,1", out_dir=str(out)), base).read_text()
+    for name in ("spam", "adamw"):
+        figures = [census(load_records(out / name / f"seed{s}" / "spikes")) for s in (0, 1)]
+        per_seed = ", ".join(f"{f['block_spikes_per_million']:.2f}" for f in figures)
+        logit = (figures[0]["max_attention_logit"] + figures[1]["max_attention_logit"]) / 2
+        assert f"| {name} | {per_seed} |" in report and f"| {logit:.3g} |" in report
+    plain = compare(CompareConfig(optimizers="adamw", seeds="0", out_dir=str(tmp_path / "plain")),
+                    replace(base, forensics=False)).read_text()
+    assert "block-weight spikes" not in plain
+
+
 def test_the_main_command_on_a_minimal_budget(token_cache, tmp_path, capsys):
     """``spamopt compare`` with its defaults (SPAM, AdamW, Adam + clipping; two seeds; the embedded stdlib
     corpus) on a budget of 3 steps: every run finishes with a finite perplexity and the report is written."""

@@ -17,6 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from spamopt.plotting import pyplot, save
+from spamopt.spikes.layers import BLOCK_TYPES
+from spamopt.spikes.monitor import RECORDS_FILE
+from spamopt.spikes.report import census, load_records
 
 from ..harness.config import option
 from ..harness.memory import galore_held_bytes, galore_state_bytes, matched_density, sparse_spam_state_bytes
@@ -130,6 +133,8 @@ def write_report(out: Path, names: list[str], seeds: list[int], matched: dict[st
             "optimizer_state_bytes_per_process": summaries[0]["optimizer_state_bytes_per_process"],
             "peak_step_memory_bytes": max(peaks) if len(peaks) == len(summaries) else None,
         }
+        if all((r / "spikes" / RECORDS_FILE).exists() for r in runs):
+            results["optimizers"][name]["spikes"] = [census(load_records(r / "spikes")) for r in runs]
         curves[name] = {panel["key"]: mean_curve(records, panel["key"]) for panel in CURVE_PANELS}
     first_run = run_dir(out, names[0], seeds[0])
     config = json.loads((first_run / "config.json").read_text())
@@ -189,6 +194,33 @@ def _mib(value: int | None) -> str:
     return "n/a" if value is None else f"{value / 2**20:.2f} MiB"
 
 
+def _spike_lines(results: dict[str, Any]) -> list[str]:
+    """The spike census of the monitored optimizers (``--spikes`` / ``--forensics``), one row each."""
+    monitored = {name: row["spikes"] for name, row in results["optimizers"].items() if "spikes" in row}
+    if not monitored:
+        return []
+
+    def mean(values: list[float]) -> float:
+        return statistics.fmean(values) if values else math.nan
+
+    lines = ["", "Gradient spikes (coordinates whose Gradient Spike Score exceeded the monitor's threshold) per "
+             "million coordinate-steps; block weights are the attention, MLP and norm weights (the embedding "
+             "and head rows of rare tokens spike in any run). `spamopt spikes report RUN_DIR` gives each run's "
+             "plots and forensics.", "",
+             "| optimizer | block-weight spikes / M, per seed | attention, MLP, norm (mean) | embedding, head "
+             "(mean) | largest attention logit (mean) | loss spikes | coordinates clipped (mean) |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for name, runs in monitored.items():
+        per_type = [", ".join(f"{mean([r['rates_per_million'].get(k, 0.0) for r in runs]):.2f}" for k in kinds)
+                    for kinds in (BLOCK_TYPES, ("embedding", "head"))]
+        logit = mean([r["max_attention_logit"] for r in runs])
+        per_seed = ", ".join(f"{r['block_spikes_per_million']:.2f}" for r in runs)
+        lines.append(f"| {name} | {per_seed} | "
+                     f"{per_type[0]} | {per_type[1]} | {'n/a' if math.isnan(logit) else f'{logit:.3g}'} | "
+                     f"{sum(len(r['loss_spikes']) for r in runs)} | {mean([r['clipped'] for r in runs]):,.0f} |")
+    return lines
+
+
 def _markdown(results: dict[str, Any], path: Path) -> Path:
     config = results["config"]
     n = len(results["seeds"])
@@ -220,6 +252,7 @@ def _markdown(results: dict[str, Any], path: Path) -> Path:
                   f"{matched['spam_sparse_bytes'] / 2**20:.2f} MiB for spam-sparse (moments and 1-bit masks)"
                   + (f"; GaLore entries without a rank of their own run at rank {matched['galore_rank']}."
                      if matched.get("galore_rank") else ".")]
+    lines += _spike_lines(results)
     lines += ["", "![training loss and validation perplexity](curves.png)", ""]
     equal = [label for key, label in MEMORY_PANELS.items() if equal_memory(results, key)]
     if equal:
