@@ -6,7 +6,8 @@ attention logits and the output log-sum-exp), a change of one or two settings fr
 parallel single-thread processes, and finished runs are reused (``--resume``), so the search continues across
 sessions. Per probe and seed the table gives: block-weight spikes per million coordinate-steps by layer type
 (GSS > 50; block gradients are dense, so no block coordinate is ever a first appearance), the largest
-block-weight GSS, loss spikes (``spamopt spikes report``'s rule), the largest attention logit, the final
+block-weight GSS, loss spikes (``spamopt spikes report``'s rule: a rise above the running median of 6 robust
+standard deviations) with the largest rise in those units, the largest attention logit, the final
 validation loss and whether the run diverged. Writes ``results/spike_regime.json`` and prints the markdown table.
 
     python benchmarks/spike_regime.py --workers 2                      # every probe not yet run, seed 0
@@ -221,8 +222,8 @@ def row(run_dir: Path) -> dict[str, Any] | None:
 
 def table(out: Path, probes: list[str]) -> tuple[dict[str, Any], str]:
     results: dict[str, Any] = {}
-    lines = ["| probe | settings | seed | block spikes / M (attn, mlp, norm) | largest block GSS | loss spikes | "
-             "largest attention logit | val loss | data |",
+    lines = ["| probe | settings | seed | block spikes / M (attn, mlp, norm) | largest block GSS | loss spikes "
+             "(largest rise, robust SDs) | largest attention logit | val loss | data |",
              "| --- | --- | ---: | --- | ---: | --- | ---: | ---: | --- |"]
     for probe in probes:
         settings = ", ".join(f"{k} {v}" for k, v in {**BASE, **PROBES[probe]}.items() if k in PROBES[probe]
@@ -237,7 +238,8 @@ def table(out: Path, probes: list[str]) -> tuple[dict[str, Any], str]:
             val = "diverged" if found["diverged"] else f"{found['val_loss']:.3f}"
             lines.append(f"| {probe} | {settings} | {run_dir.name.removeprefix('seed')} | "
                          f"**{found['block_spikes_per_million']:.2f}** ({by_type}) | {found['max_block_gss']:.0f} | "
-                         f"{len(found['loss_spikes'])} {found['loss_spikes'][:4] or ''} | "
+                         f"{len(found['loss_spikes'])} {found['loss_spikes'][:4] or ''}"
+                         f"({found['largest_loss_rise']:.1f}) | "
                          f"{found['max_attention_logit']:.1f} | {val} | {found['data']} |")
     return results, "\n".join(lines)
 

@@ -305,6 +305,23 @@ def test_loss_spike_rule_flags_a_jump_over_noise_once():
     assert loss_spikes(flat) == []
 
 
+def test_largest_loss_rise_is_the_rules_measure_in_robust_deviations():
+    """``largest_loss_rise``: on Gaussian noise of σ = 0.01 it stays near the few σ that 150 draws reach (below
+    the rule's 6); a planted 0.2-nat jump gives the jump over the noise's robust σ, computed here with numpy
+    from the 50 losses before it."""
+    from spamopt.spikes.report import largest_loss_rise
+
+    rng = np.random.default_rng(1)
+    losses = [(s, 5.0 + 0.01 * rng.standard_normal()) for s in range(1, 201)]
+    assert 2.0 < largest_loss_rise(losses) < 6.0
+    losses[149] = (150, losses[149][1] + 0.2)
+    history = np.array([v for _, v in losses[99:149]])
+    median = np.median(history)
+    oracle = (losses[149][1] - median) / (1.4826 * np.median(np.abs(history - median)))
+    assert largest_loss_rise(losses) == pytest.approx(oracle)
+    assert largest_loss_rise(losses[:50]) == 0.0
+
+
 def test_report_traces_a_loss_spike_to_the_layer_whose_gradient_spiked_first(tmp_path):
     """A gradient spike planted in one layer at step 90, then in another at step 91, and the loss jumping at
     step 92: the report's loss-spike section lists step 92, the first layer first (at step 90), then the

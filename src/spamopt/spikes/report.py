@@ -66,8 +66,9 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
     """A monitored run's spike figures: spikes (GSS above the monitor's threshold) per million
     coordinate-steps by layer type and over the block weights (:data:`~spamopt.spikes.layers.BLOCK_TYPES`),
     the largest block-weight GSS, the largest attention logit ``max q·k/√d`` of any layer and step (NaN when
-    the run did not record forensics), the loss spikes' steps (:func:`loss_spikes`) and the coordinates the
-    optimizer's spike-aware clipping clipped over all steps."""
+    the run did not record forensics), the loss spikes' steps (:func:`loss_spikes`), the largest rise of the
+    loss in robust standard deviations (:func:`largest_loss_rise`) and the coordinates the optimizer's
+    spike-aware clipping clipped over all steps."""
     import math
 
     summary = summarize(records)
@@ -86,8 +87,22 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
         "max_block_gss": max_block_gss,
         "max_attention_logit": max(logits, default=math.nan),
         "loss_spikes": [e["step"] for e in summary["loss_spikes"]],
+        "largest_loss_rise": largest_loss_rise(summary["loss"]),
         "clipped": summary["clipped"],
     }
+
+
+def _against_running_median(losses: list[tuple[int, float]], window: int):
+    """``(step, loss, median, spread)`` from the ``window``-th loss on: the median of the previous ``window``
+    losses and their robust standard deviation (1.4826 × the median absolute deviation, the standard
+    deviation of Gaussian noise)."""
+    import statistics
+
+    for i in range(window, len(losses)):
+        history = [value for _, value in losses[i - window:i]]
+        median = statistics.median(history)
+        spread = 1.4826 * statistics.median(abs(value - median) for value in history)
+        yield losses[i][0], losses[i][1], median, spread
 
 
 def loss_spikes(losses: list[tuple[int, float]], window: int = 50, deviations: float = 6.0,
@@ -96,20 +111,22 @@ def loss_spikes(losses: list[tuple[int, float]], window: int = 50, deviations: f
     ``deviations`` robust standard deviations (1.4826 × the median absolute deviation, the standard deviation
     of Gaussian noise) and by at least ``min_rise`` nats. A run of consecutive such steps is one spike, at its
     first step. Each: ``{"step", "loss", "median", "rise"}``."""
-    import statistics
-
     found: list[dict[str, float]] = []
     previous_flagged = False
-    for i in range(window, len(losses)):
-        history = [value for _, value in losses[i - window:i]]
-        median = statistics.median(history)
-        spread = 1.4826 * statistics.median(abs(value - median) for value in history)
-        step, value = losses[i]
+    for step, value, median, spread in _against_running_median(losses, window):
         flagged = value - median > max(deviations * spread, min_rise)
         if flagged and not previous_flagged:
             found.append({"step": step, "loss": value, "median": median, "rise": value - median})
         previous_flagged = flagged
     return found
+
+
+def largest_loss_rise(losses: list[tuple[int, float]], window: int = 50) -> float:
+    """The largest rise of the loss above the median of the previous ``window`` losses, in robust standard
+    deviations (:func:`loss_spikes`' measure; it flags 6): how close a run came to a loss spike. Gaussian noise
+    reaches about 3 over a few hundred steps. 0 for a run shorter than the window."""
+    return max((max(value - median, 0.0) / spread for _, value, median, spread
+                in _against_running_median(losses, window) if spread > 0), default=0.0)
 
 
 JUMP_Z = 3.0  # a tensor's gradient "jumped" at a step when its norm is this many standard deviations above its mean

@@ -208,7 +208,8 @@ def _spike_lines(results: dict[str, Any]) -> list[str]:
              "and head rows of rare tokens spike in any run). `spamopt spikes report RUN_DIR` gives each run's "
              "plots and forensics.", "",
              "| optimizer | block-weight spikes / M, per seed | attention, MLP, norm (mean) | embedding, head "
-             "(mean) | largest attention logit (mean) | loss spikes | coordinates clipped (mean) |",
+             "(mean) | largest attention logit (mean) | loss spikes (largest rise, robust SDs) | "
+             "coordinates clipped (mean) |",
              "| --- | --- | --- | --- | --- | --- | --- |"]
     for name, runs in monitored.items():
         per_type = [", ".join(f"{mean([r['rates_per_million'].get(k, 0.0) for r in runs]):.2f}" for k in kinds)
@@ -217,7 +218,8 @@ def _spike_lines(results: dict[str, Any]) -> list[str]:
         per_seed = ", ".join(f"{r['block_spikes_per_million']:.2f}" for r in runs)
         lines.append(f"| {name} | {per_seed} | "
                      f"{per_type[0]} | {per_type[1]} | {'n/a' if math.isnan(logit) else f'{logit:.3g}'} | "
-                     f"{sum(len(r['loss_spikes']) for r in runs)} | {mean([r['clipped'] for r in runs]):,.0f} |")
+                     f"{sum(len(r['loss_spikes']) for r in runs)} "
+                     f"({max(r['largest_loss_rise'] for r in runs):.1f}) | {mean([r['clipped'] for r in runs]):,.0f} |")
     return lines
 
 
