@@ -61,6 +61,8 @@ PROBES: dict[str, dict[str, Any]] = {
     "tiny-lr1e-1-batch4": {"model": "tiny", "lr": 1e-1, "batch_size": 4},
     "tiny-lr1e-1-int4": {"model": "tiny", "lr": 1e-1, "quant": "int4"},
     "tiny-lr1e-1-bf16": {"model": "tiny", "lr": 1e-1, "pure_bf16": True},
+    "tiny-lr1e-1-wd0.1": {"model": "tiny", "lr": 1e-1, "weight_decay": 0.1},
+    "tiny-lr3e-1-qknorm": {"model": "tiny", "lr": 3e-1, "qk_norm": True},
     "mini-lr1e-2": {},
     "mini-lr3e-2": {"lr": 3e-2},
     "mini-lr1e-1": {"lr": 1e-1},
