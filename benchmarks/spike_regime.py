@@ -151,7 +151,8 @@ def claims(probe: str, seeds: list[int], data: str, out: Path, workers: int, res
               "nullify/adamw"]
     print(figure(target, labels, seeds[0], Path("docs/images") / f"spike-regime-claims-{probe}.png"))
     print("\n| optimizer | block spikes / M, per seed (attn, mlp, norm: mean) | largest attention logit, mean | "
-          "coordinates clipped, mean | val loss, mean |\n| --- | --- | ---: | ---: | ---: |")
+          "coordinates clipped, mean (in block weights) | largest loss rise (robust SDs), per seed | "
+          "val loss, mean |\n| --- | --- | ---: | ---: | --- | ---: |")
     for label in labels:
         rows = [found for s in seeds if (found := row(target / label / f"seed{s}")) is not None]
         if not rows:
@@ -161,7 +162,9 @@ def claims(probe: str, seeds: list[int], data: str, out: Path, workers: int, res
         print(f"| {label} | {per_seed} "
               f"({', '.join(f'{mean[k]:.1f}' for k in BLOCK_TYPES)}) | "
               f"{sum(r['max_attention_logit'] for r in rows) / len(rows):.3g} | "
-              f"{sum(r['clipped'] for r in rows) / len(rows):,.0f} | "
+              f"{sum(r['clipped'] for r in rows) / len(rows):,.0f} "
+              f"({sum(r['clipped_by_type'].get(k, 0) for r in rows for k in BLOCK_TYPES) / len(rows):,.0f}) | "
+              f"{', '.join(f'{rise:.1f}' for rise in (r['largest_loss_rise'] for r in rows))} | "
               f"{sum(r['val_loss'] for r in rows) / len(rows):.3f} |")
 
 

@@ -113,7 +113,8 @@ def test_nullify_zeroes_exactly_the_spiking_coordinates(tmp_path):
 
 
 def test_spam_statistics_are_recorded_through_the_step_hook(tmp_path):
-    """Clipped counts per tensor equal a direct count of g² > θ·v on the same step; resets are logged."""
+    """Clipped counts per tensor equal a direct count of g² > θ·v on the same step, and the census sums them
+    under the tensor's layer type; resets are logged."""
     torch.manual_seed(0)
     p = torch.nn.Parameter(torch.zeros(64))
     opt = SPAM([p], threshold=25.0, clip_delay=2, reset_interval=8, warmup_steps=2)
@@ -130,6 +131,8 @@ def test_spam_statistics_are_recorded_through_the_step_hook(tmp_path):
     records = _records(tmp_path, "optimizer")
     assert [sum(r["clipped"].values()) for r in records] == expected
     assert expected[4] > 0 and expected[10] > 0
+    figures = census(load_records(tmp_path))
+    assert figures["clipped"] == sum(expected) and figures["clipped_by_type"] == {"mlp": sum(expected)}
     assert [r["step"] for r in records if r["reset"]] == [8]
     assert records[7]["warmup_multiplier"] == pytest.approx(0.01)
     assert opt.record_statistics is False  # closing the monitor stops the optimizer's extra counting

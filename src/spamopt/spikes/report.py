@@ -68,7 +68,7 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
     the largest block-weight GSS, the largest attention logit ``max q·k/√d`` of any layer and step (NaN when
     the run did not record forensics), the loss spikes' steps (:func:`loss_spikes`), the largest rise of the
     loss in robust standard deviations (:func:`largest_loss_rise`) and the coordinates the optimizer's
-    spike-aware clipping clipped over all steps."""
+    spike-aware clipping clipped over all steps, in all and by layer type."""
     import math
 
     summary = summarize(records)
@@ -81,6 +81,11 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
                          and layer_type(r["name"]) in BLOCK_TYPES), default=0.0)
     logits = [value for r in records if r["kind"] == "signals"
               for name, value in r["values"].items() if name.startswith("max_attention_logit")]
+    clipped_by_type: dict[str, int] = defaultdict(int)
+    for r in records:
+        if r["kind"] == "optimizer":
+            for name, count in r["clipped"].items():
+                clipped_by_type[layer_type(name)] += count
     return {
         "rates_per_million": rates,
         "block_spikes_per_million": 1e6 * sum(v["spikes"] for v in block) / observations if observations else 0.0,
@@ -89,6 +94,7 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
         "loss_spikes": [e["step"] for e in summary["loss_spikes"]],
         "largest_loss_rise": largest_loss_rise(summary["loss"]),
         "clipped": summary["clipped"],
+        "clipped_by_type": dict(clipped_by_type),
     }
 
 
