@@ -162,10 +162,18 @@ def claims(probe: str, seeds: list[int], data: str, out: Path, workers: int, res
         print(f"| {label} | {per_seed} "
               f"({', '.join(f'{mean[k]:.1f}' for k in BLOCK_TYPES)}) | "
               f"{sum(r['max_attention_logit'] for r in rows) / len(rows):.3g} | "
-              f"{sum(r['clipped'] for r in rows) / len(rows):,.0f} "
-              f"({sum(r['clipped_by_type'].get(k, 0) for r in rows for k in BLOCK_TYPES) / len(rows):,.0f}) | "
+              f"{_clipped(rows)} | "
               f"{', '.join(f'{rise:.1f}' for rise in (r['largest_loss_rise'] for r in rows))} | "
               f"{sum(r['val_loss'] for r in rows) / len(rows):.3f} |")
+
+
+def _clipped(rows: list[dict[str, Any]]) -> str:
+    """Mean coordinates clipped over the seeds, and within them the block weights'; n/a for an optimizer
+    that does not count its clipping."""
+    if any(r["clipped"] is None for r in rows):
+        return "n/a"
+    block = sum(r["clipped_by_type"].get(k, 0) for r in rows for k in BLOCK_TYPES)
+    return f"{sum(r['clipped'] for r in rows) / len(rows):,.0f} ({block / len(rows):,.0f})"
 
 
 def figure(target: Path, labels: list[str], seed: int, path: Path) -> Path:

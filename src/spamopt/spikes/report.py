@@ -68,7 +68,8 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
     the largest block-weight GSS, the largest attention logit ``max q·k/√d`` of any layer and step (NaN when
     the run did not record forensics), the loss spikes' steps (:func:`loss_spikes`), the largest rise of the
     loss in robust standard deviations (:func:`largest_loss_rise`) and the coordinates the optimizer's
-    spike-aware clipping clipped over all steps, in all and by layer type."""
+    spike-aware clipping clipped over all steps, in all and by layer type (None where the optimizer does not
+    report them: only SPAM does)."""
     import math
 
     summary = summarize(records)
@@ -81,6 +82,7 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
                          and layer_type(r["name"]) in BLOCK_TYPES), default=0.0)
     logits = [value for r in records if r["kind"] == "signals"
               for name, value in r["values"].items() if name.startswith("max_attention_logit")]
+    counted = any(r["kind"] == "optimizer" for r in records)  # only a SPAM optimizer reports its clipping
     clipped_by_type: dict[str, int] = defaultdict(int)
     for r in records:
         if r["kind"] == "optimizer":
@@ -93,8 +95,8 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
         "max_attention_logit": max(logits, default=math.nan),
         "loss_spikes": [e["step"] for e in summary["loss_spikes"]],
         "largest_loss_rise": largest_loss_rise(summary["loss"]),
-        "clipped": summary["clipped"],
-        "clipped_by_type": dict(clipped_by_type),
+        "clipped": summary["clipped"] if counted else None,
+        "clipped_by_type": dict(clipped_by_type) if counted else None,
     }
 
 

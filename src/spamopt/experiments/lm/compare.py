@@ -205,8 +205,8 @@ def _spike_lines(results: dict[str, Any]) -> list[str]:
 
     lines = ["", "Gradient spikes (coordinates whose Gradient Spike Score exceeded the monitor's threshold) per "
              "million coordinate-steps; block weights are the attention, MLP and norm weights (the embedding "
-             "and head rows of rare tokens spike in any run). `spamopt spikes report RUN_DIR` gives each run's "
-             "plots and forensics.", "",
+             "and head rows of rare tokens spike in any run); clipped coordinates are counted for SPAM only. "
+             "`spamopt spikes report RUN_DIR` gives each run's plots and forensics.", "",
              "| optimizer | block-weight spikes / M, per seed | attention, MLP, norm (mean) | embedding, head "
              "(mean) | largest attention logit (mean) | loss spikes (largest rise, robust SDs) | "
              "coordinates clipped (mean) |",
@@ -216,10 +216,12 @@ def _spike_lines(results: dict[str, Any]) -> list[str]:
                     for kinds in (BLOCK_TYPES, ("embedding", "head"))]
         logit = mean([r["max_attention_logit"] for r in runs])
         per_seed = ", ".join(f"{r['block_spikes_per_million']:.2f}" for r in runs)
+        counted = [r["clipped"] for r in runs if r["clipped"] is not None]
+        clipped = f"{mean(counted):,.0f}" if len(counted) == len(runs) else "n/a"
         lines.append(f"| {name} | {per_seed} | "
                      f"{per_type[0]} | {per_type[1]} | {'n/a' if math.isnan(logit) else f'{logit:.3g}'} | "
                      f"{sum(len(r['loss_spikes']) for r in runs)} "
-                     f"({max(r['largest_loss_rise'] for r in runs):.1f}) | {mean([r['clipped'] for r in runs]):,.0f} |")
+                     f"({max(r['largest_loss_rise'] for r in runs):.1f}) | {clipped} |")
     return lines
 
 
