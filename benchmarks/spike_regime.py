@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from spamopt.spikes.layers import BLOCK_TYPES
-from spamopt.spikes.report import census, load_records, summarize
+from spamopt.spikes.report import attention_logits, census, load_records, summarize
 
 BASE = {"model": "mini", "seq_len": 128, "batch_size": 16, "steps": 600, "warmup_steps": 60, "lr": 1e-2,
         "eval_every": 100, "checkpoint_every": 100, "eval_tokens": 32768, "max_train_tokens": 4_000_000}
@@ -177,8 +177,8 @@ def _clipped(rows: list[dict[str, Any]]) -> str:
 
 
 def figure(target: Path, labels: list[str], seed: int, path: Path) -> Path:
-    """One seed's runs of every optimizer side by side: training loss (a 20-step mean), the largest attention logit of any layer,
-    and the block-weight coordinates that have spiked so far (GSS > 50), per step."""
+    """One seed's runs of every optimizer side by side: training loss (a 20-step mean), the largest attention
+    logit of any layer, and the block-weight coordinates that have spiked so far (GSS > 50), per step."""
     from spamopt.plotting import pyplot, save
 
     plt = pyplot()
@@ -190,10 +190,9 @@ def figure(target: Path, labels: list[str], seed: int, path: Path) -> Path:
         records = load_records(run_dir / "spikes")
         raw = [(r["step"], r["loss"]) for r in records if r["kind"] == "loss"]
         # a 20-step running mean: eight noisy curves on one axis are unreadable
-        losses = [(step, sum(v for _, v in raw[max(0, i - 19):i + 1]) / len(raw[max(0, i - 19):i + 1]))
-                  for i, (step, _) in enumerate(raw)]
-        logits = [(r["step"], max(v for k, v in r["values"].items() if k.startswith("max_attention_logit")))
-                  for r in records if r["kind"] == "signals"]
+        windows = [(step, [v for _, v in raw[max(0, i - 19):i + 1]]) for i, (step, _) in enumerate(raw)]
+        losses = [(step, sum(window) / len(window)) for step, window in windows]
+        logits = sorted(attention_logits(records).items())
         per_step = summarize(records)["spikes_per_step"]
         block, total = [], 0
         for step, counts in sorted(per_step.items()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -70,8 +71,6 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
     loss in robust standard deviations (:func:`largest_loss_rise`) and the coordinates the optimizer's
     spike-aware clipping clipped over all steps, in all and by layer type (None where the optimizer does not
     report them: only SPAM does)."""
-    import math
-
     summary = summarize(records)
     by_type = summary["by_type"]
     rates = {kind: 1e6 * v["spikes"] / v["observations"] if v["observations"] else 0.0
@@ -80,8 +79,6 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
     observations = sum(v["observations"] for v in block)
     max_block_gss = max((r["max_gss"] for r in records if r["kind"] == "tensor" and "max_gss" in r
                          and layer_type(r["name"]) in BLOCK_TYPES), default=0.0)
-    logits = [value for r in records if r["kind"] == "signals"
-              for name, value in r["values"].items() if name.startswith("max_attention_logit")]
     counted = any(r["kind"] == "optimizer" for r in records)  # only a SPAM optimizer reports its clipping
     clipped_by_type: dict[str, int] = defaultdict(int)
     for r in records:
@@ -92,12 +89,20 @@ def census(records: list[dict[str, Any]]) -> dict[str, Any]:
         "rates_per_million": rates,
         "block_spikes_per_million": 1e6 * sum(v["spikes"] for v in block) / observations if observations else 0.0,
         "max_block_gss": max_block_gss,
-        "max_attention_logit": max(logits, default=math.nan),
+        "max_attention_logit": max(attention_logits(records).values(), default=math.nan),
         "loss_spikes": [e["step"] for e in summary["loss_spikes"]],
         "largest_loss_rise": largest_loss_rise(summary["loss"]),
         "clipped": summary["clipped"] if counted else None,
         "clipped_by_type": dict(clipped_by_type) if counted else None,
     }
+
+
+def attention_logits(records: list[dict[str, Any]]) -> dict[int, float]:
+    """Step → the largest attention logit ``max q·k/√d`` over the layers that step (forensics' signals;
+    empty for a run that recorded none)."""
+    return {r["step"]: max(value for name, value in r["values"].items() if name.startswith("max_attention_logit"))
+            for r in records if r["kind"] == "signals"
+            and any(name.startswith("max_attention_logit") for name in r["values"])}
 
 
 def _against_running_median(losses: list[tuple[int, float]], window: int):
