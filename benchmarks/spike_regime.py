@@ -251,7 +251,7 @@ def table(out: Path, probes: list[str]) -> tuple[dict[str, Any], str]:
             lines.append(f"| {probe} | {settings} | {run_dir.name.removeprefix('seed')} | "
                          f"**{found['block_spikes_per_million']:.2f}** ({by_type}) | {found['max_block_gss']:.0f} | "
                          f"{len(found['loss_spikes'])} {found['loss_spikes'][:4] or ''}"
-                         f"({found['largest_loss_rise']:.1f}) | "
+                         f"{' ' if found['loss_spikes'] else ''}({found['largest_loss_rise']:.1f}) | "
                          f"{found['max_attention_logit']:.1f} | {val} | {found['data']} |")
     return results, "\n".join(lines)
 
