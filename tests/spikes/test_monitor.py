@@ -28,20 +28,28 @@ def _records(run_dir, kind="tensor"):
     return [r for r in load_records(run_dir) if r["kind"] == kind]
 
 
-def test_planted_spikes_are_found_exactly(tmp_path):
-    """Three 1000x spikes planted at known (tensor, step, coordinate) after 80 steps of Gaussian noise: the
-    monitor reports exactly those counts at exactly those steps and tensors, and nothing else."""
+def _observe_planted(run_dir, planted, signals=None):
+    """100 steps of ±0.1 sign noise on :data:`SHAPES`, with the ``{(step, name): [coordinate, ...]}`` planted
+    1000x, monitored into ``run_dir`` (``signals(step)``, if given, passed to ``observe``); returns the
+    parameters."""
     rng = np.random.default_rng(0)
     named = _named(SHAPES)
-    planted = {(85, "layers.0.attn_norm.weight"): [(3,)], (90, "head.weight"): [(1, 2), (3, 7)]}
-    with SpikeMonitor(named, tmp_path, flush_every=7) as monitor:
+    with SpikeMonitor(named, run_dir, flush_every=7) as monitor:
         for step in range(1, 101):
             for name, p in named:
                 g = (0.1 * rng.choice([-1, 1], size=p.shape)).astype(np.float32)
                 for coord in planted.get((step, name), []):
                     g[coord] *= 1000.0
                 p.grad = torch.from_numpy(g)
-            monitor.observe()
+            monitor.observe(signals=signals(step) if signals else None)
+    return named
+
+
+def test_planted_spikes_are_found_exactly(tmp_path):
+    """Three 1000x spikes planted at known (tensor, step, coordinate) after 80 steps of Gaussian noise: the
+    monitor reports exactly those counts at exactly those steps and tensors, and nothing else."""
+    planted = {(85, "layers.0.attn_norm.weight"): [(3,)], (90, "head.weight"): [(1, 2), (3, 7)]}
+    _observe_planted(tmp_path, planted)
     found = {(r["step"], r["name"]): r["spikes"] for r in _records(tmp_path) if r["spikes"]}
     assert found == {key: len(coords) for key, coords in planted.items()}
 
@@ -395,18 +403,10 @@ def test_census_rates_count_planted_spikes_per_million_coordinate_steps(tmp_path
     over 100 steps of sign noise: ``census`` gives each layer type's count per million coordinate-steps
     (q: 48 coordinates, norm: 8, head: 32, observed each step), the block weights' rate over both, the
     largest attention logit passed as a signal, and NaN for a run that recorded none."""
-    rng = np.random.default_rng(0)
-    named = _named(SHAPES)
     planted = {(85, "layers.0.attn.q.weight"): [(0, 1), (5, 7)], (88, "layers.0.attn_norm.weight"): [(2,)],
                (90, "head.weight"): [(1, 2), (3, 7), (0, 0)]}
-    with SpikeMonitor(named, tmp_path / "logits", flush_every=7) as monitor:
-        for step in range(1, 101):
-            for name, p in named:
-                g = (0.1 * rng.choice([-1, 1], size=p.shape)).astype(np.float32)
-                for coord in planted.get((step, name), []):
-                    g[coord] *= 1000.0
-                p.grad = torch.from_numpy(g)
-            monitor.observe(signals={"max_attention_logit.layers.0": 3.0 + (step == 40) * 100.0})
+    named = _observe_planted(tmp_path / "logits", planted,
+                             signals=lambda step: {"max_attention_logit.layers.0": 3.0 + (step == 40) * 100.0})
     found = census(load_records(tmp_path / "logits"))
     observed = 100  # steps at which every coordinate is observed
     assert found["rates_per_million"]["attention"] == pytest.approx(1e6 * 2 / (48 * observed))
