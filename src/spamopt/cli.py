@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from spamopt import __version__
+from spamopt.experiments.harness.allocator import keep_freed_memory
 from spamopt.experiments.harness.command import Command, discover
 
 GROUP_HELP = {"spikes": "gradient-spike telemetry"}
@@ -63,13 +64,18 @@ def build_parser(commands: list[Command]) -> argparse.ArgumentParser:
 USAGE_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError)
 
 
+def _run(args: argparse.Namespace) -> None:
+    keep_freed_memory()  # before the run allocates anything large
+    args.run(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser(LIBRARY_COMMANDS + discover()).parse_args(argv)
     if args.debug or os.environ.get("SPAMOPT_DEBUG", "") not in ("", "0"):
-        args.run(args)
+        _run(args)
         return
     try:
-        args.run(args)
+        _run(args)
     except KeyboardInterrupt:
         print("spamopt: interrupted", file=sys.stderr)
         sys.exit(130)

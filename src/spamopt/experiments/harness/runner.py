@@ -88,8 +88,11 @@ def refuse_conflicts(configs: list[Any]) -> None:
 def _single_thread(job: tuple[Callable[[Any], Any], Any]) -> str:
     import torch
 
+    from .allocator import keep_freed_memory
+
     execute, config = job
     torch.set_num_threads(1)  # the workers share the cores: one each
+    keep_freed_memory()
     execute(config)
     return config.run_dir
 
