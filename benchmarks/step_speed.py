@@ -3,7 +3,9 @@
 Every implementation steps the same parameters and gradients in one process, side by side; the table
 reports milliseconds per step, the ratio to torch's fused AdamW (and its foreach path) and the ratio to the
 memory-bandwidth floor: an fp32 Adam-family step reads p, g, m, v and writes p, m, v, 28 bytes per
-parameter, timed against the copy bandwidth measured in the same run. Writes JSON.
+parameter, timed against the copy bandwidth measured in the same run. Writes JSON. The process keeps freed
+memory as every ``spamopt`` command does (``keep_freed_memory``; ``SPAMOPT_ALLOCATOR=system`` for glibc's
+default, under which a row's time depends on what the rows before it freed: ``allocator_speed.py``).
 
 SPAM's default ``skip_nonfinite=True`` reads every gradient once more (a device-side check that all are
 finite, 4 bytes per parameter: a 32-byte floor); ``*_noskip`` rows turn it off and are the like-for-like
@@ -30,6 +32,7 @@ from pathlib import Path
 import torch
 
 from spamopt import SPAM, StableSPAM
+from spamopt.experiments.harness.allocator import keep_freed_memory
 from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
 from spamopt.optim import compiled, fused
 from spamopt.optim.base import all_finite
@@ -184,8 +187,10 @@ def main() -> None:
         device_name = f"{platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
     else:
         device_name = torch.cuda.get_device_name()
+    memory_kept = keep_freed_memory()
     bandwidth = copy_bandwidth(args.device)
-    report = {"device": device_name, "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth, "runs": []}
+    report = {"device": device_name, "torch": torch.__version__, "copy_bandwidth_bytes_per_s": bandwidth,
+              "memory_kept": memory_kept, "runs": []}
     print(f"copy bandwidth {bandwidth / 1e9:.1f} GB/s")
     for model in args.models:
         run = measure(model, args.device, args.repeats, args.warmup, bandwidth, args.num_warps)
