@@ -443,7 +443,8 @@ class SpikeAwareOptimizer(Optimizer):
         return param.dtype in FUSED_DTYPES and fused_available(local(param).device)
 
     #: Below this many elements in a group the compiled step is not the default on the CPU: compiling
-    #: (about 20 s here, cached on disk afterwards) would cost more than it saves in a short run.
+    #: (13-25 s cold, cached on disk afterwards) would cost more than it saves in a short run; at 9M
+    #: elements a run repays it after about 600 steps (benchmarks/compile_threshold.py).
     compile_min_numel: int = 10_000_000
 
     def _compilable(self, param: Tensor) -> bool:
