@@ -4,6 +4,8 @@ their time on one tensor and whether they are right about ±inf, NaN and huge fi
 * ``aminmax``: the smallest and largest value in one pass (what the CPU path uses): NaN or ±inf shows in one.
 * ``zero_sum``: ``sum(g · 0)``, 0 for finite g and NaN otherwise (a sum that cannot overflow), eager.
 * ``zero_sum_compiled``: the same through ``torch.compile``, which folds ``g · 0`` to 0 and so is never NaN.
+* ``zero_input_sum_compiled``: ``sum(g · z)`` through ``torch.compile`` with ``z`` a zero passed in as a
+  tensor, which the compiler cannot fold.
 * ``isfinite_all``: ``torch.isfinite(g).all()``, a boolean temporary of the tensor's size.
 
 Interleaved repeats in one process, median of 7; writes ``results/finite_check.json``.
@@ -37,11 +39,19 @@ def zero_sum_compiled(g: torch.Tensor) -> torch.Tensor:
     return _folded(g).isfinite()
 
 
+_unfolded = torch.compile(lambda g, zero: (g * zero).sum())
+_ZERO = torch.zeros(())
+
+
+def zero_input_sum_compiled(g: torch.Tensor) -> torch.Tensor:
+    return _unfolded(g, _ZERO).isfinite()
+
+
 def isfinite_all(g: torch.Tensor) -> torch.Tensor:
     return torch.isfinite(g).all()
 
 
-CHECKS = [aminmax, zero_sum, zero_sum_compiled, isfinite_all]
+CHECKS = [aminmax, zero_sum, zero_sum_compiled, zero_input_sum_compiled, isfinite_all]
 
 
 def main() -> None:

@@ -277,3 +277,47 @@ def test_a_compiled_step_allocates_no_temporary_of_the_parameters_size(make):
         opt.step()
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
     assert faults[-1] < 1024, faults
+
+
+def _peaks_replaced(monkeypatch, change):
+    """Make StableSPAM's step see ``change(peaks)`` instead of the non-finite check's per-tensor max|g|."""
+    found = StableSPAM._keep_and_peaks
+
+    def replaced(self, batches, found_inf, with_peaks=True):
+        keep, peaks = found(self, batches, found_inf, with_peaks)
+        return keep, change(peaks)
+
+    monkeypatch.setattr(StableSPAM, "_keep_and_peaks", replaced)
+
+
+def test_stable_spam_compiled_takes_max_g_from_the_nonfinite_check(monkeypatch):
+    """The compiled Stable-SPAM step reads each tensor's max|g| from the non-finite check instead of a pass of
+    its own: bit for bit the result of the kernel that finds it itself (on the stress set, across resets and a
+    skipped non-finite step), and the peaks are really read (doubled, they change the parameters)."""
+    with monkeypatch.context() as patch:
+        _peaks_replaced(patch, lambda peaks: {})
+        own_params, own_opt = _stable_run({"compiled": True}, torch.float32)
+    params, opt = _stable_run({"compiled": True}, torch.float32)
+    for own, got in zip(own_params, params):
+        assert torch.equal(got, own)
+        for key, value in own_opt.state[own].items():
+            assert torch.equal(opt.state[got][key], value), key
+    _peaks_replaced(monkeypatch, lambda peaks: {key: 2 * peak for key, peak in peaks.items()})
+    doubled, _ = _stable_run({"compiled": True}, torch.float32)
+    assert any(not torch.equal(d, p) for d, p in zip(doubled, params) if d.numel())
+
+
+@pytest.mark.parametrize("overrides, given", [({}, True), ({"skip_nonfinite": False}, False)])
+def test_stable_spam_compiled_kernel_variant_follows_the_check(monkeypatch, overrides, given):
+    """With the non-finite check on, every compiled Stable-SPAM kernel call is the variant that reads max|g|;
+    with it off (nothing measured the peaks) the kernel finds max|g| itself."""
+    variants = []
+    kernel = compiled.stable_spam_kernel
+
+    def spy(adaclip, adagn, threaded=True, peak_given=False):
+        variants.append(peak_given)
+        return kernel(adaclip, adagn, threaded, peak_given)
+
+    monkeypatch.setattr(compiled, "stable_spam_kernel", spy)
+    _stable_run({"compiled": True}, torch.float32, steps=3, **overrides)
+    assert variants and set(variants) == {given}

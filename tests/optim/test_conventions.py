@@ -297,6 +297,29 @@ def test_nonfinite_gradients_skip_the_whole_step(foreach):
     assert not torch.equal(params[1], before_params[1])
 
 
+def test_the_nonfinite_check_finds_each_gradients_largest_magnitude():
+    """``finite_peaks`` (the one read of every gradient behind ``skip_nonfinite``): its flag is False exactly when
+    a value is NaN or ±Inf (huge finite values pass), and its per-tensor peaks are max|g| as a float64
+    reference computes it, for float32, bfloat16, complex and 0-dim gradients; empty ones have none."""
+    from spamopt.optim.base import finite_peaks
+
+    gen = torch.Generator().manual_seed(3)
+    grads = [torch.randn(7, 5, generator=gen), torch.randn(33, generator=gen).bfloat16(),
+             torch.randn(4, 3, dtype=torch.complex64, generator=gen), torch.tensor(-2.5), torch.zeros(0, 4),
+             torch.tensor([1.0, -3e38, 2.0])]
+    flag, peaks = finite_peaks(grads)
+    assert bool(flag) and peaks[4] is None
+    for g, peak in zip(grads, peaks):
+        if g.numel():
+            real = torch.view_as_real(g) if g.is_complex() else g
+            assert float(peak) == float(real.double().abs().max())
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        poisoned = [g.clone() for g in grads]
+        poisoned[1][17] = bad
+        assert not bool(finite_peaks(poisoned)[0])
+    assert finite_peaks(grads, with_peaks=False)[1] == [None] * len(grads)
+
+
 def test_nonfinite_coordinates_count_as_zero_when_skipping_is_off():
     p = torch.nn.Parameter(torch.zeros(4))
     opt = SPAM([p], skip_nonfinite=False, lr=0.1)

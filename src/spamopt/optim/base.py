@@ -182,29 +182,45 @@ def keep_on(keep: Tensor | None, device: torch.device) -> tuple[Tensor | None, f
     return here, here.to(torch.float64)
 
 
-def _finite(grads: list[Tensor]) -> Tensor:
-    """Whether every value of ``grads`` (one device) is finite, as a 0-dim device tensor. On the CPU the
-    smallest and largest value of each tensor (both NaN if any value is, one of them ±Inf if any value is) are
-    found in one vectorised pass, six times faster there than the inf-norm that CUDA runs fused."""
+def _peaks(grads: list[Tensor]) -> Tensor:
+    """Each tensor's largest magnitude ``max|g|`` (one device), NaN where a tensor holds NaN, inf where it holds
+    ±Inf: so all are finite exactly when every value is. On the CPU the smallest and largest value of each
+    tensor are found in one vectorised pass, six times faster there than the inf-norm that CUDA runs fused."""
     if grads[0].device.type == "cpu":
-        return torch.stack([torch.stack(torch.aminmax(g)) for g in grads]).isfinite().all()
-    return torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()
+        return torch.stack([torch.stack(torch.aminmax(g)) for g in grads]).abs().amax(1)
+    return torch.stack(torch._foreach_norm(grads, float("inf")))
+
+
+def finite_peaks(grads: list[Tensor], with_peaks: bool = True) -> tuple[Tensor | None, list[Tensor | None]]:
+    """One 0-dim boolean, are all gradients finite (None for no gradients), and each gradient's ``max|g|`` as a
+    0-dim tensor on its device (its local shard's for a DTensor; None for an empty one), from one read of every
+    gradient, on the device, with no host synchronisation. A peak is exact wherever the flag is True.
+    ``with_peaks=False`` leaves every peak None (it saves a view per tensor)."""
+    if not grads:
+        return None, []
+    by_device: dict[torch.device, list[int]] = {}
+    reals = [torch.view_as_real(g) if g.is_complex() else g for g in map(local, grads)]
+    for i, g in enumerate(reals):
+        # Empty tensors (and empty FSDP shards) hold nothing non-finite; inf-norms of them are undefined.
+        if g.numel():
+            by_device.setdefault(g.device, []).append(i)
+    peaks: list[Tensor | None] = [None] * len(grads)
+    if not by_device:
+        return torch.ones((), dtype=torch.bool, device=reals[0].device), peaks
+    flags = []
+    for index in by_device.values():
+        found = _peaks([reals[i] for i in index])
+        flags.append(found.isfinite().all())
+        if with_peaks:
+            for i, peak in zip(index, found.unbind(0)):
+                peaks[i] = peak
+    home = flags[0].device
+    return torch.stack([f.to(home, non_blocking=True) for f in flags]).all(), peaks
 
 
 def all_finite(grads: list[Tensor]) -> Tensor | None:
     """One 0-dim boolean: are all gradients finite? Computed on the device, no host synchronisation."""
-    if not grads:
-        return None
-    by_device: dict[torch.device, list[Tensor]] = {}
-    for g in map(local, grads):
-        # Empty tensors (and empty FSDP shards) hold nothing non-finite; inf-norms of them are undefined.
-        if g.numel():
-            by_device.setdefault(g.device, []).append(torch.view_as_real(g) if g.is_complex() else g)
-    if not by_device:
-        by_device[grads[0].device] = [torch.zeros(1, device=grads[0].device)]
-    flags = [_finite(gs) for gs in by_device.values()]
-    home = flags[0].device
-    return torch.stack([f.to(home, non_blocking=True) for f in flags]).all()
+    return finite_peaks(grads, with_peaks=False)[0]
 
 
 @dataclass
@@ -414,22 +430,32 @@ class SpikeAwareOptimizer(Optimizer):
         return getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
 
     def _keep(self, batches: list[GroupBatch], found_inf: Tensor | None) -> Tensor | None:
-        """This step's 0-dim ``keep`` flag (False: skip it), or None when no group skips.
+        """This step's 0-dim ``keep`` flag (False: skip it), or None when no group skips."""
+        return self._keep_and_peaks(batches, found_inf, with_peaks=False)[0]
+
+    def _keep_and_peaks(self, batches: list[GroupBatch], found_inf: Tensor | None,
+                        with_peaks: bool = True) -> tuple[Tensor | None, dict[int, Tensor]]:
+        """This step's 0-dim ``keep`` flag (False: skip it; None when no group skips) and, keyed by ``id`` of
+        each gradient the check read, its ``max|g|`` (:func:`finite_peaks`; a kernel that needs it reads it
+        from here instead of reading the gradient once more).
 
         Under ``torch.amp.GradScaler`` the scaler has already checked every gradient (``found_inf``) and every
         group skips a step it flags, as torch's optimizers do; otherwise groups with ``skip_nonfinite`` are
         checked here.
         """
+        peaks: dict[int, Tensor] = {}
         if found_inf is not None:
-            keep = found_inf.reshape(()) == 0
+            keep: Tensor | None = found_inf.reshape(()) == 0
         else:
-            keep = all_finite([g for b in batches if b.group["skip_nonfinite"] for g in b.grads])
+            checked = [g for b in batches if b.group["skip_nonfinite"] for g in b.grads]
+            keep, found = finite_peaks(checked, with_peaks)
+            peaks = {id(g): peak for g, peak in zip(checked, found) if peak is not None}
         if keep is not None and any(is_distributed_tensor(g) for b in batches for g in b.grads):
             # Each rank sees only its shard: agree on the decision, or ranks would drift apart.
             agreed = keep.to(torch.int32)
             torch.distributed.all_reduce(agreed, op=torch.distributed.ReduceOp.MIN)
             keep = agreed.bool()
-        return keep
+        return keep, peaks
 
     @staticmethod
     def _group_keep(group: dict[str, Any], keep: Tensor | None, found_inf: Tensor | None) -> Tensor | None:

@@ -106,7 +106,7 @@ _MAX = {dtype: torch.finfo(dtype).max for dtype in (torch.float64, torch.float32
 
 def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_ema: Tensor,
                    norm_ema: Tensor, norm_sq_ema: Tensor, scalars: Tensor, corrections: Tensor, *,
-                   adaclip: str, adagn: bool) -> None:
+                   adaclip: str, adagn: bool, peak_given: bool) -> None:
     """Stable-SPAM's per-tensor step (:mod:`spamopt.optim.stable_functional` states the math) in place on
     1-D ``param`` and the moments, and on the 1-element statistics ``max_ema`` (M), ``norm_ema`` (a) and
     ``norm_sq_ema`` (b). A reset has zeroed ``m, v, k`` already; the caller advances the counters k and n.
@@ -117,10 +117,12 @@ def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     negated to maximise), the decay factor 1 − lr·wd·keep, γ1·σ, γ2, γ3, β1·σ, β2, ε, lr; ``corrections``
     (float64) this step's debiasing denominators with the counts k + keep and n + keep: 1 − γ1^n, 1 − γ2^n,
     1 − γ3^n, 1 − β1^k and sqrt(1 − β2^k). They come in computed (once per step for every tensor): inside the
-    kernel the C++ backend would raise each power again for every vector of coordinates."""
+    kernel the C++ backend would raise each power again for every vector of coordinates. Its last entry is
+    max|g| when ``peak_given`` (found by the non-finite check that decided keep, exact wherever keep is 1:
+    the kernel then makes one pass over the gradient fewer), otherwise unused."""
     dtype = exp_avg.dtype
     keep, factor, decay, gamma1, gamma2, gamma3, beta1, beta2, eps, lr = scalars.unbind(0)
-    c1, c2, c3, bias1, sqrt_bias2 = corrections.unbind(0)
+    c1, c2, c3, bias1, sqrt_bias2, peak = corrections.unbind(0)
     # The gradient is read by up to three loops (its largest coordinate, AdaGN's norm, the update), and each
     # computes it from ``grad`` itself, with its own finiteness test. Were it one expression, the compiler would
     # store it in a temporary of the tensor's size for the later loops (its threshold for storing shared values
@@ -129,9 +131,13 @@ def _stable_update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Ten
     # loop before it through a condition that always holds (``~(x < 0)`` for x ≥ 0 or NaN): the scheduler puts
     # a stored value in the first loop that can compute it, and would compute the update's gradient in an
     # earlier loop and store it for the update's.
-    largest = torch.where((grad >= -_MAX[grad.dtype]) & (grad <= _MAX[grad.dtype]), grad, 0.0).to(dtype).abs()
+    if peak_given:  # NaN or inf where keep is 0
+        largest = torch.where(keep > 0, peak, 0.0).to(dtype)
+    else:
+        finite = (grad >= -_MAX[grad.dtype]) & (grad <= _MAX[grad.dtype])
+        largest = torch.where(finite, grad, 0.0).to(dtype).abs().amax()
     # max|g·f| = max|g|·|f| exactly: rounding is monotone.
-    mu = largest.amax() * (factor.abs() * keep).to(dtype)  # also bounds max|g| after clipping: the norm's scale
+    mu = largest * (factor.abs() * keep).to(dtype)  # also bounds max|g| after clipping: the norm's scale
     ready = (keep > 0) & ~(mu < 0)
     full = param.to(dtype) * decay.to(dtype)
     bound = mu  # read only when AdaClip is on
@@ -206,11 +212,12 @@ def spam_kernel(count: bool, threaded: bool = True) -> Any:
 
 
 @functools.cache
-def stable_spam_kernel(adaclip: str, adagn: bool, threaded: bool = True) -> Any:
+def stable_spam_kernel(adaclip: str, adagn: bool, threaded: bool = True, peak_given: bool = False) -> Any:
     """Stable-SPAM's compiled step for one choice of AdaClip's mode and AdaGN (each its own kernel, so an
-    ablation computes nothing it does not use), one-thread or multi-threaded; call it inside :func:`limits`."""
+    ablation computes nothing it does not use), one-thread or multi-threaded, finding max|g| itself or reading
+    it (``peak_given``); call it inside :func:`limits`."""
     def update(*args: Tensor) -> None:
-        _stable_update(*args, adaclip=adaclip, adagn=adagn)
+        _stable_update(*args, adaclip=adaclip, adagn=adagn, peak_given=peak_given)
 
     return torch.compile(update, dynamic=True, fullgraph=True, options=_OPTIONS[threaded])
 

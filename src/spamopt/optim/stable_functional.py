@@ -167,7 +167,8 @@ def _multi_tensor_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avg
 
 def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                           exp_avg_sqs: list[Tensor], steps: list[Tensor], statistics: list[dict[str, Tensor]],
-                          h: StableStep, *, keep: Tensor | None, grad_scale: Tensor | None) -> None:
+                          h: StableStep, *, keep: Tensor | None, grad_scale: Tensor | None,
+                          peaks: list[Tensor | None] | None) -> None:
     from . import compiled
 
     if h.reference_compat:
@@ -197,15 +198,21 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
         # This step's counts for every tensor at once, and the debiasing denominators the kernel takes.
         k = torch.stack([steps[i].double().reshape(()) for i in index]) + keep_float
         n = torch.stack([statistics[i]["stat_step"].double().reshape(()) for i in index]) + keep_float
+        # Each tensor's max|g| when the non-finite check has found them (exact wherever the step is kept; the
+        # kernel reads them instead of finding them), else NaN and the kernel finds them.
+        given = keep is not None and peaks is not None and all(peaks[i] is not None for i in index)
+        peak = (torch.stack([peaks[i] for i in index]).double() if given  # type: ignore[misc]
+                else torch.full((len(index),), float("nan"), dtype=torch.float64, device=device))
         corrections = torch.stack([debias_correction(h.gamma1, n), debias_correction(h.gamma2, n),
-                                   debias_correction(h.gamma3, n), *_bias_corrections(k, h)], dim=1).unbind(0)
+                                   debias_correction(h.gamma3, n), *_bias_corrections(k, h), peak],
+                                  dim=1).unbind(0)
         for i, m, v, row in zip(index, ms, vs, corrections):
             param, stats = reals[i].detach(), statistics[i]
             work, flat_m, flat_v = compiled.flat_view(param), compiled.flat_view(m), compiled.flat_view(v)
             # The 0-dim statistics go in as 1-element tensors: torch.compile drops in-place writes to 0-dim
             # float64 CPU inputs (torch 2.13), which float64 parameters' statistics are.
             counters = [compiled.flat_view(stats[key]) for key in ("max_ema", "norm_ema", "norm_sq_ema")]
-            kernel = compiled.stable_spam_kernel(h.adaclip, h.adagn, compiled.parallel(m.numel()))
+            kernel = compiled.stable_spam_kernel(h.adaclip, h.adagn, compiled.parallel(m.numel()), given)
             # A row that is no view (clone): the kernel is guarded on no base tensor.
             kernel(work, compiled.flat_view(real_view(grads[i])), flat_m, flat_v, *counters, scalars, row.clone())
             compiled.write_back(((param, work), (m, flat_m), (v, flat_v)))
@@ -215,13 +222,16 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
 
 def stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
                 steps: list[Tensor], statistics: list[dict[str, Tensor]], h: StableStep, *, keep: Tensor | None,
-                implementation: str = "forloop", grad_scale: Tensor | None = None) -> None:
+                implementation: str = "forloop", grad_scale: Tensor | None = None,
+                peaks: list[Tensor | None] | None = None) -> None:
     """Functional Stable-SPAM step over parallel lists (module docstring for the math).
 
     ``steps`` are the Adam counts ``k`` (0-dim tensors, updated in place); ``statistics[i]`` holds parameter
     ``i``'s ``stat_step`` (n; absent in ``reference_compat``, where ``k`` is the one counter), ``max_ema``,
     ``norm_ema`` and ``norm_sq_ema``. ``keep``: 0-dim boolean, False to skip; None counts non-finite
-    coordinates as zero. ``implementation``: ``"compiled"``, ``"foreach"`` or ``"forloop"``.
+    coordinates as zero. ``implementation``: ``"compiled"``, ``"foreach"`` or ``"forloop"``. ``peaks``: each
+    gradient's ``max|g|`` as found by the step's non-finite check (:func:`spamopt.optim.base.finite_peaks`) that
+    decided ``keep``, or None; the compiled implementation reads them instead of finding them again.
     """
     arrays = (params, grads, exp_avgs, exp_avg_sqs, steps, statistics)
     if h.shard_group is not None:  # shards: the statistics are reduced over every tensor of the group at once
@@ -230,7 +240,7 @@ def stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         from .compiled import limits
 
         with limits():  # room for every dtype's kernel
-            _compiled_stable_spam(*arrays, h, keep=keep, grad_scale=grad_scale)
+            _compiled_stable_spam(*arrays, h, keep=keep, grad_scale=grad_scale, peaks=peaks)
     elif implementation == "foreach":
         _multi_tensor_stable_spam(*arrays, h, keep=keep, grad_scale=grad_scale)
     elif implementation == "forloop":

@@ -176,14 +176,18 @@ class StableSPAM(SpikeAwareOptimizer):
         current = completed + 1  # τ
         batches = self._gather(completed)
         grad_scale, found_inf = self._amp_scaling()
-        keep = self._keep(batches, found_inf)
+        # The non-finite check's per-tensor max|g| is AdaClip's and AdaGN's peak: the compiled kernel takes it
+        # rather than reading every gradient once more for it.
+        keep, peaks = self._keep_and_peaks(batches, found_inf)
         for batch in batches:
             if batch.params:
-                self._step_group(batch, current, self._group_keep(batch.group, keep, found_inf), grad_scale)
+                self._step_group(batch, current, self._group_keep(batch.group, keep, found_inf), grad_scale,
+                                 [peaks.get(id(g)) for g in batch.grads])
         self._advance_clock(keep)
         return loss
 
-    def _step_group(self, batch: GroupBatch, current: int, keep: Tensor | None, grad_scale: Tensor | None) -> None:
+    def _step_group(self, batch: GroupBatch, current: int, keep: Tensor | None, grad_scale: Tensor | None,
+                    peaks: list[Tensor | None]) -> None:
         group, params = batch.group, batch.params
         beta1, beta2 = group["betas"]
         sigma = momentum_multiplier(current, group["total_steps"], group["eta_min"],
@@ -198,7 +202,7 @@ class StableSPAM(SpikeAwareOptimizer):
         states = [self.state[p] for p in params]
         stable_spam([local(p) for p in params], [local(g) for g in batch.grads], [local(s["exp_avg"]) for s in states],
                     [local(s["exp_avg_sq"]) for s in states], [s["step"] for s in states], states, settings,
-                    keep=keep, implementation=self._implementation(group, params), grad_scale=grad_scale)
+                    keep=keep, implementation=self._implementation(group, params), grad_scale=grad_scale, peaks=peaks)
 
 
 # Keyword-only arguments added after the first release; older pickles get them from the signature.
