@@ -34,8 +34,8 @@ def _spam_counting_inlined(*args: Tensor) -> Tensor | None:
     return compiled._update(*args, count=True)
 
 
-def _stable_inlined(adaclip: str, adagn: bool, *args: Tensor) -> None:
-    compiled._stable_update(*args, adaclip=adaclip, adagn=adagn)
+def _stable_inlined(adaclip: str, adagn: bool, peak_given: bool, *args: Tensor) -> None:
+    compiled._stable_update(*args, adaclip=adaclip, adagn=adagn, peak_given=peak_given)
 
 
 def _inlined_options(threaded: bool) -> dict:
@@ -49,8 +49,8 @@ def _inlined_spam_kernel(count: bool, threaded: bool = True):
 
 
 @functools.cache
-def _inlined_stable_kernel(adaclip: str, adagn: bool, threaded: bool = True):
-    return torch.compile(functools.partial(_stable_inlined, adaclip, adagn), dynamic=True, fullgraph=True,
+def _inlined_stable_kernel(adaclip: str, adagn: bool, threaded: bool = True, peak_given: bool = False):
+    return torch.compile(functools.partial(_stable_inlined, adaclip, adagn, peak_given), dynamic=True, fullgraph=True,
                          options=_inlined_options(threaded))
 
 
