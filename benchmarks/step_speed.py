@@ -16,6 +16,12 @@ fused rows for each Triton warp count. ``*_compiled*`` rows are ``compiled=True`
 (``first_step_s``, with the state's creation) includes compiling the kernel, cached on disk for later runs
 (clear ``/tmp/torchinductor_$USER`` to measure a cold compile).
 
+On the CPU the rows are measured interleaved: every optimizer is created at once and they step the same
+parameters in turn, round after round (the check alone is one more row of each round), so a drift in the
+shared machine's speed during the run, 20-40 % within minutes, touches every row alike and the ratios hold.
+On CUDA the rows run one after another from the same parameters and fresh state, so that each row's peak
+memory can be measured and the 1B states need not fit together (``"order"`` in the JSON says which).
+
     python benchmarks/step_speed.py                              # CPU, LLaMA-60M shapes
     python benchmarks/step_speed.py --device cuda --models 350m 1b --num-warps 4 8 16
 """
@@ -123,53 +129,98 @@ def copy_bandwidth(device: str, repeats: int = 10) -> float:
     return 2 * size / statistics.median(times)
 
 
-def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float, num_warps: list[int]) -> dict:
-    named = _params(model, device)
-    numel = sum(p.numel() for _, p in named)
-    snapshot = [(p.detach().clone(), p.grad.clone()) for _, p in named]  # pytorch-optimizer edits p.grad
+class _CheckOnly:
+    """The part of every skipping step that only checks the gradients (SPAM's default skip_nonfinite=True),
+    stepped like an optimizer so that it is timed in the same rounds as the rows."""
+
+    def __init__(self, grads: list[torch.Tensor]) -> None:
+        self.grads, self.state = grads, {}
+
+    def step(self) -> None:
+        all_finite(self.grads)
+
+
+EDITS_GRADIENTS = {"pytorch_optimizer_spam"}  # rows whose step changes p.grad in place
+
+
+def _restore(named, snapshot, weights: bool = True) -> None:
+    for (_, p), (w, grad) in zip(named, snapshot):
+        if weights:
+            p.data.copy_(w)
+        p.grad.copy_(grad)
+
+
+def _timed_step(opt: torch.optim.Optimizer, device: str) -> float:
+    start = time.perf_counter()
+    opt.step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def _sequential(named, snapshot, candidates: dict, device: str, repeats: int, warmup: int) -> dict:
+    """One optimizer at a time, from the same parameters and fresh state: on CUDA, where each row's peak
+    memory is measured and the states of every row at 1B shapes would not fit together."""
     rows = {}
-    for name, make in _candidates(named, device, num_warps).items():
-        for (_, p), (weights, grad) in zip(named, snapshot):
-            p.data.copy_(weights)
-            p.grad.copy_(grad)
+    for name, make in candidates.items():
+        _restore(named, snapshot)
         opt = make()
-        start = time.perf_counter()
-        opt.step()  # creates the state; compiles the compiled rows' kernels (cached on disk after a first run)
-        _sync(device)
-        first_step_s = time.perf_counter() - start
+        first_step_s = _timed_step(opt, device)  # creates the state; compiles the compiled rows' kernels
         for _ in range(warmup):
             opt.step()
         _sync(device)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
             before = torch.cuda.memory_allocated()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            opt.step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        row = {"ms_per_step": 1e3 * statistics.median(times), "state_bytes": _state_bytes(opt),
-               "first_step_s": first_step_s}
+        times = [_timed_step(opt, device) for _ in range(repeats)]
+        rows[name] = {"ms_per_step": 1e3 * statistics.median(times), "state_bytes": _state_bytes(opt),
+                      "first_step_s": first_step_s}
         if device == "cuda":
-            row["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
-        rows[name] = row
+            rows[name]["peak_extra_bytes"] = torch.cuda.max_memory_allocated() - before
         del opt
+    return rows
+
+
+def _interleaved(named, snapshot, candidates: dict, device: str, repeats: int, warmup: int) -> dict:
+    """Every optimizer alive at once, stepping the same parameters in turn, one round after another: a change
+    in the machine's speed during the run (on a shared CPU, 20-40 % within minutes) touches every row alike,
+    so the ratios hold even when the absolute times drift."""
+    def step(name: str, opt) -> float:
+        elapsed = _timed_step(opt, device)
+        if name in EDITS_GRADIENTS:
+            _restore(named, snapshot, weights=False)
+        return elapsed
+
+    _restore(named, snapshot)
+    optimizers, first_step_s = {}, {}
+    for name, make in candidates.items():
+        optimizers[name] = make()
+        first_step_s[name] = step(name, optimizers[name])  # state, compilation
+    times: dict[str, list[float]] = {name: [] for name in optimizers}
+    for round_ in range(warmup + repeats):
+        for name, opt in optimizers.items():
+            elapsed = step(name, opt)
+            if round_ >= warmup:
+                times[name].append(elapsed)
+    return {name: {"ms_per_step": 1e3 * statistics.median(times[name]), "state_bytes": _state_bytes(opt),
+                   "first_step_s": first_step_s[name]} for name, opt in optimizers.items()}
+
+
+def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float, num_warps: list[int]) -> dict:
+    named = _params(model, device)
+    numel = sum(p.numel() for _, p in named)
+    snapshot = [(p.detach().clone(), p.grad.clone()) for _, p in named]
+    order = _sequential if device == "cuda" else _interleaved
+    candidates = _candidates(named, device, num_warps)
+    candidates["nonfinite_check"] = lambda: _CheckOnly([p.grad for _, p in named])
+    rows = order(named, snapshot, candidates, device, repeats, warmup)
+    check_ms = rows.pop("nonfinite_check")["ms_per_step"]
     floor_ms = 1e3 * FLOOR_BYTES_PER_PARAMETER * numel / bandwidth
-    # The part of every skipping step that only checks the gradients (SPAM's default skip_nonfinite=True).
-    grads = [p.grad for _, p in named]
-    check_times = []
-    for _ in range(repeats + warmup):
-        start = time.perf_counter()
-        all_finite(grads)
-        _sync(device)
-        check_times.append(time.perf_counter() - start)
     for row in rows.values():
         row["vs_floor"] = row["ms_per_step"] / floor_ms
         row["vs_adamw_fused"] = row["ms_per_step"] / rows["adamw_fused"]["ms_per_step"]
         row["vs_adamw_foreach"] = row["ms_per_step"] / rows["adamw_foreach"]["ms_per_step"]
-    return {"model": model, "parameters": numel, "floor_ms": floor_ms,
-            "nonfinite_check_ms": 1e3 * statistics.median(check_times[warmup:]), "results": rows}
+    return {"model": model, "parameters": numel, "floor_ms": floor_ms, "order": order.__name__.lstrip("_"),
+            "nonfinite_check_ms": check_ms, "results": rows}
 
 
 def main() -> None:

@@ -1,0 +1,61 @@
+"""benchmarks/step_speed.py's interleaved order, which BENCHMARKS.md's CPU ratios come from: every row is timed
+in every round after the warm-up, and a row whose step edits the gradients in place (pytorch-optimizer's SPAM)
+has them restored, so that the rows after it step on the same gradients as the rows before it."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def step_speed():
+    spec = importlib.util.spec_from_file_location("step_speed", ROOT / "benchmarks" / "step_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class _Zeroing:
+    """Steps by zeroing every gradient in place."""
+
+    def __init__(self, grads):
+        self.grads, self.state = grads, {}
+
+    def step(self):
+        for g in self.grads:
+            g.zero_()
+
+
+class _Recording:
+    """Steps by recording the sum of the gradients it is given."""
+
+    def __init__(self, grads):
+        self.grads, self.state, self.seen = grads, {}, []
+
+    def step(self):
+        self.seen.append(sum(float(g.sum()) for g in self.grads))
+
+
+def test_interleaved_rows_see_the_same_gradients_and_are_all_timed(step_speed):
+    named = step_speed._params("tiny", "cpu")
+    snapshot = [(p.detach().clone(), p.grad.clone()) for _, p in named]
+    grads = [p.grad for _, p in named]
+    total = sum(float(g.sum()) for g in grads)
+    before, after = _Recording(grads), _Recording(grads)
+    editor = next(iter(step_speed.EDITS_GRADIENTS))
+    candidates = {"before": lambda: before, editor: lambda: _Zeroing(grads), "after": lambda: after}
+
+    rows = step_speed._interleaved(named, snapshot, candidates, "cpu", repeats=3, warmup=2)
+
+    assert list(rows) == ["before", editor, "after"]
+    assert all(row["ms_per_step"] > 0 and row["first_step_s"] > 0 for row in rows.values())
+    # the first (timed) step and 2 + 3 rounds: every one on the original gradients, before and after the editor
+    assert len(before.seen) == len(after.seen) == 6
+    assert before.seen == after.seen == pytest.approx([total] * 6)
+    assert total != 0
