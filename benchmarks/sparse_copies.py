@@ -1,14 +1,16 @@
-"""Sparse momentum's copies between a matrix and its compact buffers: boolean-mask copies against indexed ones.
+"""Sparse momentum's copies between a matrix and its compact buffers, and the compiled loop that needs none.
 
 A sparse SPAM step moves each matrix's kept coordinates out (parameter and gradient) and back (parameter).
-With a boolean mask, each of those three copies (``masked_select``, ``masked_scatter_``) finds the kept
+Foreach: with a boolean mask each of those three copies (``masked_select``, ``masked_scatter_``) finds the kept
 positions again; with :func:`spamopt.optim.sparse.kept_index` they are found once per tensor and the copies are
-indexed (``index_select``, ``index_copy_``). Both variants step the same LLaMA-shaped parameters (the paper's
+indexed (``index_select``, ``index_copy_``). Compiled: the loop reads and writes the kept coordinates itself
+(``in_loop``) where it once ran on gathered copies scattered back (``copies``: the library's kernel wrapped in
+those copies for its turn), and ``keep_positions=True`` (``positions``) keeps the positions between steps
+instead of searching the bitmask every step. Every variant steps the same LLaMA-shaped parameters (the paper's
 grouping: attention and MLP matrices at density 0.25, the rest dense) in one process, interleaved, with torch's
-fused AdamW alongside for scale; the boolean variant is the library's functions replaced by the mask-based
-ones for its turn. Writes JSON.
+fused AdamW alongside for scale. Writes JSON.
 
-    python benchmarks/sparse_copies.py --threads 2        # LLaMA-60M shapes, foreach and compiled
+    python benchmarks/sparse_copies.py --threads 2        # LLaMA-60M shapes
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from spamopt import SPAM
 from spamopt.experiments.lm.config import is_block_matrix
-from spamopt.optim import sparse
+from spamopt.optim import compiled, sparse
 
 from side_by_side import arguments, interleaved_medians, llama_parameters, report
 
@@ -37,6 +39,42 @@ def boolean_mask_copies():
         sparse.kept_index, sparse.gather, sparse.scatter_ = saved
 
 
+@contextmanager
+def compiled_on_copies():
+    """The compiled sparse step as it was: the kernel run on gathered copies of the kept coordinates, the
+    parameter's scattered back (what the kernel's loop now does with indexed loads and stores)."""
+    kernel = compiled.spam_kernel
+
+    def on_copies(count: bool, threaded: bool = True):
+        inner = kernel(count, threaded)
+
+        def call(param, grad, exp_avg, exp_avg_sq, step_size, scalars, kept=None):
+            if kept is None:
+                return inner(param, grad, exp_avg, exp_avg_sq, step_size, scalars)
+            kept = kept.long()
+            work = sparse.gather(param, kept)
+            clipped = inner(work, sparse.gather(grad, kept), exp_avg, exp_avg_sq, step_size, scalars)
+            sparse.scatter_(param, kept, work)
+            return clipped
+
+        return call
+
+    compiled.spam_kernel = on_copies
+    try:
+        yield
+    finally:
+        compiled.spam_kernel = kernel
+
+
+VARIANTS = {
+    "foreach_indexed": ({"foreach": True}, nullcontext),
+    "foreach_boolean": ({"foreach": True}, boolean_mask_copies),
+    "compiled_in_loop": ({"compiled": True}, nullcontext),
+    "compiled_positions": ({"compiled": True, "keep_positions": True}, nullcontext),
+    "compiled_copies": ({"compiled": True}, compiled_on_copies),
+}
+
+
 def main() -> None:
     args = arguments(__doc__, "results/sparse_copies.json", repeats=5)
     named = llama_parameters(args.model)
@@ -44,14 +82,14 @@ def main() -> None:
     groups = [{"params": [p for n, p in named if is_block_matrix(n, p.shape)], "density": 0.25},
               {"params": [p for n, p in named if not is_block_matrix(n, p.shape)]}]
     optimizers = {"adamw_fused": torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)}
-    for implementation in ("foreach", "compiled"):
-        flags = {"foreach": implementation == "foreach", "compiled": implementation == "compiled"}
-        for copies in ("indexed", "boolean"):
-            optimizers[f"spam_sparse25_{implementation}_{copies}"] = SPAM(groups, lr=1e-3, clip_delay=0, **flags)
-    median = interleaved_medians(
-        optimizers, lambda name: boolean_mask_copies() if name.endswith("boolean") else nullcontext(), args.repeats)
-    pairs = {f"spam_sparse25_{i}_indexed": f"spam_sparse25_{i}_boolean" for i in ("foreach", "compiled")}
-    report(median, "adamw_fused", pairs, "indexed vs boolean", args.out,
+    for name, (flags, _) in VARIANTS.items():
+        optimizers[f"spam_sparse25_{name}"] = SPAM(groups, lr=1e-3, clip_delay=0, **flags)
+    contexts = {f"spam_sparse25_{name}": context for name, (_, context) in VARIANTS.items()}
+    median = interleaved_medians(optimizers, lambda name: contexts.get(name, nullcontext)(), args.repeats)
+    pairs = {f"spam_sparse25_{new}": f"spam_sparse25_{old}" for new, old in
+             (("foreach_indexed", "foreach_boolean"), ("compiled_in_loop", "compiled_copies"),
+              ("compiled_positions", "compiled_copies"))}
+    report(median, "adamw_fused", pairs, "speed-up over its pair", args.out,
            {"model": args.model, "threads": args.threads, "repeats": args.repeats})
 
 

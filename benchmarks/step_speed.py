@@ -14,7 +14,8 @@ comparison with torch's AdamW, which does no such check; the check alone is time
 ``pip install pytorch-optimizer``) is measured when installed. ``--num-warps`` repeats the
 fused rows for each Triton warp count. ``*_compiled*`` rows are ``compiled=True``; their first step
 (``first_step_s``, with the state's creation) includes compiling the kernel, cached on disk for later runs
-(clear ``/tmp/torchinductor_$USER`` to measure a cold compile).
+(clear ``/tmp/torchinductor_$USER`` to measure a cold compile). ``*_positions`` keeps the sparse matrices'
+kept positions between steps (``keep_positions=True``: 4 bytes per kept coordinate more state).
 
 On the CPU the rows are measured interleaved: every optimizer is created at once and they step the same
 parameters in turn, round after round (the check alone is one more row of each round), so a drift in the
@@ -89,6 +90,8 @@ def _candidates(named, device: str, num_warps: list[int]) -> dict:
             "spam_compiled": lambda: SPAM(params, lr=1e-3, compiled=True, clip_delay=0),
             "spam_compiled_noskip": lambda: SPAM(params, lr=1e-3, compiled=True, clip_delay=0, skip_nonfinite=False),
             "spam_sparse25_compiled": lambda: SPAM(sparse_groups, lr=1e-3, compiled=True, clip_delay=0),
+            "spam_sparse25_compiled_positions": lambda: SPAM(sparse_groups, lr=1e-3, compiled=True, clip_delay=0,
+                                                             keep_positions=True),
             "stable_spam_compiled": lambda: StableSPAM(params, lr=1e-3, compiled=True),
         })
     if device == "cuda" and fused.fused_available(torch.device(device)):

@@ -255,6 +255,50 @@ def test_stable_spam_compiled_choice_and_its_limits(monkeypatch):
         StableSPAM([param], compiled=True, reference_compat=True)
 
 
+@pytest.mark.parametrize("index_dtype", [torch.int64, torch.int32])
+@pytest.mark.parametrize("threaded", [False, True], ids=["one-thread", "threaded"])
+def test_the_sparse_loop_equals_the_dense_kernel_on_gathered_copies(threaded, index_dtype):
+    """A sparse parameter's compiled loop reads and writes its kept coordinates itself; that is bit for bit the
+    dense kernel run on gathered copies and scattered back (the implementation it replaced): parameter, moments
+    and clip count (clipping fires), and the other coordinates are untouched."""
+    from spamopt.optim import sparse
+
+    numel = 3 * 4096 + 100
+    bits = sparse.draw_mask(numel, 0.25, seed=2, generation=0, device="cpu")
+    kept = sparse.kept_index(bits, numel)
+    gen = torch.Generator().manual_seed(0)
+    param, grad = torch.randn(numel, generator=gen), torch.randn(numel, generator=gen) * 3
+    m, v = torch.randn(len(kept), generator=gen) * 0.1, torch.rand(len(kept), generator=gen) * 0.5
+    step_size = torch.tensor(-1e-2, dtype=torch.float64)
+    scalars = torch.tensor([1.0, 2.0, 0.0, 1.0, 1.0, 0.1, 0.001, 1e-6], dtype=torch.float64)
+    kernel = compiled.spam_kernel(True, threaded)
+    with compiled.limits():
+        ref_param, ref_m, ref_v = param.clone(), m.clone(), v.clone()
+        work = sparse.gather(ref_param, kept)
+        ref_count = kernel(work, sparse.gather(grad, kept), ref_m, ref_v, step_size, scalars)
+        sparse.scatter_(ref_param, kept, work)
+        count = kernel(param, grad, m, v, step_size, scalars, kept.to(index_dtype))
+    assert int(ref_count) > 0 and int(count) == int(ref_count)
+    assert torch.equal(param, ref_param) and torch.equal(m, ref_m) and torch.equal(v, ref_v)
+
+
+@pytest.mark.parametrize("dtype, copies", [(torch.float32, False), (torch.bfloat16, True)])
+def test_a_compiled_sparse_step_copies_out_only_half_precision_matrices(monkeypatch, dtype, copies):
+    """The compiled step of an fp32 sparse matrix makes no gathered copy of its parameter or gradient (the loop
+    indexes them); a bf16 one, updated in its fp32 moments' precision and rounded once after the decay, still
+    gathers its kept coordinates into fp32 copies."""
+    from spamopt.optim import sparse
+
+    gathered = []
+    gather = sparse.gather
+    monkeypatch.setattr(sparse, "gather", lambda tensor, index: gathered.append(index) or gather(tensor, index))
+    param = torch.nn.Parameter(torch.randn(64, 80, dtype=dtype))
+    opt = SPAM([param], compiled=True, density=0.25, weight_decay=0.1)
+    param.grad = torch.randn(64, 80, dtype=dtype)
+    opt.step()
+    assert bool(gathered) is copies
+
+
 @pytest.mark.skipif(sys.platform != "linux", reason="counts page faults through getrusage (Linux)")
 @pytest.mark.parametrize("make", [
     pytest.param(lambda ps: SPAM(ps, compiled=True, clip_delay=0), id="spam"),

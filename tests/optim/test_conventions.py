@@ -480,6 +480,7 @@ BAD_INPUTS = [
     (dict(maximize="yes"), "Invalid maximize value"),
     (dict(foreach="yes"), "Invalid foreach value"),
     (dict(skip_nonfinite=None), "Invalid skip_nonfinite value"),
+    (dict(keep_positions="yes"), "Invalid keep_positions value: 'yes' (must be True or False)"),
 ]
 
 
@@ -520,16 +521,18 @@ def test_bf16_moments_on_request_track_torchs_adamw_in_bf16():
     assert not torch.equal(results["spam-bf16"][0], results["spam-fp32"][0])
 
 
-def test_a_state_dict_from_before_fp32_moments_loads_with_the_default():
-    """State dicts written before ``fp32_moments`` existed lack it: they load, and the group takes the default
-    (float32 moments), instead of being refused as another optimizer's."""
+@pytest.mark.parametrize("setting, default", [("fp32_moments", True), ("keep_positions", False)])
+def test_a_state_dict_from_before_a_later_setting_loads_with_the_default(setting, default):
+    """State dicts written before ``fp32_moments`` or ``keep_positions`` existed lack it: they load, and the
+    group takes the default (float32 moments; positions searched every step), instead of being refused as
+    another optimizer's."""
     model = _model(dtype=torch.float32)
     opt = SPAM(_groups(model), **SMALL)
     _train(model, opt, 2)
     saved = opt.state_dict()
     for group in saved["param_groups"]:
-        del group["fp32_moments"]
+        del group[setting]
     fresh = SPAM(_groups(model), **SMALL)
     fresh.load_state_dict(saved)
-    assert all(group["fp32_moments"] is True for group in fresh.param_groups)
+    assert all(group[setting] is default for group in fresh.param_groups)
     _train(model, fresh, 1)

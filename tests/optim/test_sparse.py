@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from spamopt import SPAM
-from spamopt.optim import sparse
+from spamopt.optim import compiled, sparse
+
+from .stress import run_steps
 
 
 def _state_bytes(state):
@@ -119,8 +121,15 @@ def test_gather_and_scatter_move_exactly_the_kept_coordinates_in_row_major_order
     assert torch.equal(tensor, expected)
 
 
-@pytest.mark.parametrize("foreach", [False, True], ids=["forloop", "foreach"])
-def test_sparse_momentum_steps_under_torch_deterministic_mode(foreach):
+_IMPLEMENTATIONS = [pytest.param({"foreach": False, "compiled": False}, id="forloop"),
+                    pytest.param({"foreach": True}, id="foreach"),
+                    pytest.param({"compiled": True}, id="compiled",
+                                 marks=pytest.mark.skipif(not compiled.compiled_available("cpu"),
+                                                          reason="torch.compile needs a C++ compiler"))]
+
+
+@pytest.mark.parametrize("implementation", _IMPLEMENTATIONS)
+def test_sparse_momentum_steps_under_torch_deterministic_mode(implementation):
     """``torch.use_deterministic_algorithms(True)`` refuses some indexed writes (``put_``); a sparse step must not
     use them, and gives the same weights as without the mode."""
     torch.manual_seed(0)
@@ -129,7 +138,7 @@ def test_sparse_momentum_steps_under_torch_deterministic_mode(foreach):
     results = []
     for deterministic in (False, True):
         params = [torch.nn.Parameter(w.detach().clone()) for w in weights]
-        opt = SPAM(params, density=0.25, foreach=foreach, compiled=False)
+        opt = SPAM(params, density=0.25, **implementation)
         previous = torch.are_deterministic_algorithms_enabled()
         torch.use_deterministic_algorithms(deterministic)
         try:
@@ -141,3 +150,74 @@ def test_sparse_momentum_steps_under_torch_deterministic_mode(foreach):
             torch.use_deterministic_algorithms(previous)
         results.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def _counting_searches(monkeypatch) -> list[int]:
+    """Count the calls of :func:`sparse.kept_index` (the search of the bitmask), wherever they come from."""
+    calls = []
+    search = sparse.kept_index
+
+    def counted(bits, numel):
+        calls.append(numel)
+        return search(bits, numel)
+
+    monkeypatch.setattr(sparse, "kept_index", counted)
+    return calls
+
+
+@pytest.mark.parametrize("implementation", _IMPLEMENTATIONS)
+def test_kept_positions_spare_the_search_and_change_nothing_else(implementation, monkeypatch):
+    """``keep_positions=True`` searches each mask once (4 sparse matrices x 3 masks over 12 steps with redraws
+    after steps 4 and 9, where the default searches every step: 48), keeps them in int32, and gives bit for bit
+    the parameters and moments of the default on the stress set (so a stale position after a redraw would show)."""
+    calls = _counting_searches(monkeypatch)
+    params, opt, counts = run_steps(implementation, torch.float32, 0.25)
+    assert len(calls) == 48
+    calls.clear()
+    kept_params, kept_opt, kept_counts = run_steps(implementation, torch.float32, 0.25, keep_positions=True)
+    assert len(calls) == 12
+    assert {entry[2].dtype for entry in kept_opt._positions.values()} == {torch.int32}
+    assert counts == kept_counts
+    for ref, got in zip(params, kept_params):
+        assert torch.equal(got, ref)
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(kept_opt.state[got][key], opt.state[ref][key])
+
+
+def test_kept_positions_are_found_again_for_a_loaded_mask(monkeypatch):
+    """A checkpoint's masks replace the optimizer's: the loaded run continues bit for bit as the run that wrote
+    the checkpoint (positions kept from the optimizer's own, older masks would move other coordinates), searching
+    the loaded mask once and the next period's once; a mask changed in place is searched again too."""
+    def make(params):
+        return SPAM(params, density=0.25, reset_interval=4, warmup_steps=2, clip_delay=0, keep_positions=True)
+
+    torch.manual_seed(0)
+    grads = [torch.randn(96, 64) for _ in range(8)]
+    steady = torch.nn.Parameter(torch.randn(96, 64))
+    opt = make([steady])
+    for step, g in enumerate(grads):
+        steady.grad = g.clone()
+        opt.step()
+        if step == 4:  # 5 steps done: the second period's mask (redrawn after step 3)
+            saved = opt.state_dict()
+            saved["state"] = {i: {k: v.clone() for k, v in s.items()} for i, s in saved["state"].items()}
+            weights_at_save = steady.detach().clone()
+    resumed = torch.nn.Parameter(torch.randn(96, 64))
+    fresh = make([resumed])
+    for g in grads[:2]:  # keeps the first period's positions
+        resumed.grad = g.clone()
+        fresh.step()
+    calls = _counting_searches(monkeypatch)
+    fresh.load_state_dict(saved)
+    with torch.no_grad():
+        resumed.copy_(weights_at_save)
+    for g in grads[5:]:  # steps 6-8; the third period's mask is drawn after step 7
+        resumed.grad = g.clone()
+        fresh.step()
+    assert torch.equal(resumed, steady)
+    assert len(calls) == 2
+    fresh.state[resumed]["mask_bits"].copy_(sparse.draw_mask(resumed.numel(), 0.25, seed=1, generation=9,
+                                                             device="cpu"))
+    resumed.grad = grads[0].clone()
+    fresh.step()
+    assert len(calls) == 3

@@ -114,7 +114,7 @@ def validate_common(group: dict[str, Any]) -> None:
 
 # Group keys that choose how a step is computed, not what it computes: a state dict without them (written by an
 # older version) loads with the optimizer's own. Any other missing key is refused.
-IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "compiled", "capturable", "differentiable"})
+IMPLEMENTATION_FLAGS = frozenset({"foreach", "fused", "compiled", "capturable", "differentiable", "keep_positions"})
 # Settings added after the first release: a state dict written before them may lack them (the default applies).
 LATER_SETTINGS = frozenset({"fp32_moments"})
 

@@ -7,8 +7,9 @@ into a 0-dim ``step_size``, and θ, the skip flag, the decay factor, the loss-sc
 one small ``scalars`` tensor, so no schedule, group or hyperparameter changes the compiled code. It is
 compiled once for every tensor size (``dynamic=True``) per dtype and per build (one-thread below
 ``PARALLEL_MIN_NUMEL`` elements, multi-threaded above), twice if clip counts are asked for (telemetry).
-Resets zero the moments before the kernel (once per period); sparse parameters gather their kept
-coordinates, run the same kernel and scatter back.
+Resets zero the moments before the kernel (once per period). For a sparse parameter the loop runs over its
+compact moments and reads and writes the parameter at the kept positions itself (indexed loads and stores in
+the generated loop), so no gathered copy of the parameter or the gradient is made.
 """
 
 from __future__ import annotations
@@ -56,9 +57,14 @@ def write_back(pairs: tuple[tuple[Tensor, Tensor], ...]) -> None:
 
 
 def _update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, step_size: Tensor,
-            scalars: Tensor, *, count: bool) -> Tensor | None:
+            scalars: Tensor, kept: Tensor | None = None, *, count: bool) -> Tensor | None:
     """In place on 1-D ``param`` (any float dtype; updated in the moments' dtype and rounded once),
     ``exp_avg``, ``exp_avg_sq``; returns the number of clipped coordinates when ``count``.
+
+    With ``kept`` (a sparse parameter: the flat positions of its kept coordinates, any integer dtype, one per
+    entry of the compact moments) the loop runs over the moments and reads ``param`` and ``grad`` at those
+    positions and writes ``param`` back there: the gather and scatter happen inside the compiled loop, and the
+    other coordinates are not touched (their decay is the caller's).
 
     ``scalars`` (float64) holds, in order: keep (0 skips the step), θ (0: no clipping this step), clip
     coordinates with v = 0 (1) or not (0), the gradient's factor (loss-scale inverse, negated to maximise),
@@ -73,17 +79,20 @@ def _update(param: Tensor, grad: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, st
     theta = torch.where(threshold > 0, threshold, float("inf")).to(dtype)
     unseen = torch.where((clip_unseen > 0) & (threshold > 0), 0.0, float("inf")).to(dtype)
     keep, factor, decay, one_minus_beta1, one_minus_beta2, eps = scalars[[0, 3, 4, 5, 6, 7]].to(dtype).unbind(0)
-    grad = grad.to(dtype)
+    grad = (grad if kept is None else grad[kept]).to(dtype)
     # |g| < inf is False for NaN and ±Inf: one vector compare (nan_to_num's isnan is a scalar loop on the CPU).
     g = torch.where((grad.abs() < float("inf")) & (keep > 0), grad, 0.0) * factor
     bound = torch.where(exp_avg_sq == 0, unseen, (exp_avg_sq * theta).sqrt())
     clipped = torch.minimum(torch.maximum(g, -bound), bound)
     m = exp_avg * (1.0 - one_minus_beta1 * keep) + one_minus_beta1 * clipped
     v = exp_avg_sq * (1.0 - one_minus_beta2 * keep) + one_minus_beta2 * clipped * clipped
-    p = (param.to(dtype) + m * (step_size / (v.sqrt() + eps))) * decay
+    p = ((param if kept is None else param[kept]).to(dtype) + m * (step_size / (v.sqrt() + eps))) * decay
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
-    param.copy_(p)
+    if kept is None:
+        param.copy_(p)
+    else:
+        param.index_put_((kept,), p.to(param.dtype))
     return (g.abs() > bound).sum() if count else None
 
 
@@ -207,8 +216,10 @@ def parallel(numel: int) -> bool:
 @functools.cache
 def spam_kernel(count: bool, threaded: bool = True) -> Any:
     """The compiled update, with or without the clip count (two functions, so two caches), in its one-thread or
-    multi-threaded build (:func:`parallel` chooses), built on first use; call it inside :func:`limits`."""
-    return torch.compile(_counting if count else _plain, dynamic=True, fullgraph=True, options=_OPTIONS[threaded])
+    multi-threaded build (:func:`parallel` chooses), built on first use; call it inside :func:`limits`. A
+    sparse parameter's call passes its kept positions as a seventh argument (compiled once more)."""
+    update = _counting if count else _plain
+    return torch.compile(update, dynamic=True, fullgraph=True, options=_OPTIONS[threaded])
 
 
 @functools.cache

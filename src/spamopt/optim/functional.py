@@ -74,6 +74,13 @@ def _step_sizes(steps: list[Tensor], h: SpamStep, scale: float | Tensor, dtype: 
     return (bias_correction2.sqrt_() / bias_correction1).mul_(-h.lr * scale).to(dtype)
 
 
+def _kept(bits: Tensor | None, positions: Tensor | None, numel: int) -> Tensor | None:
+    """A sparse parameter's kept positions as the eager indexed copies take them (int64), or None (dense)."""
+    if bits is None:
+        return None
+    return sparse.kept_index(bits, numel) if positions is None else positions.long()
+
+
 def _single_tensor_spam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -86,6 +93,7 @@ def _single_tensor_spam(
     keep: Tensor | None,
     clip_counts: list[Tensor | None] | None,
     grad_scale: Tensor | None,
+    kept_positions: list[Tensor | None],
 ) -> None:
     unscale = inverse_scale(grad_scale)
     for i, (param, grad, exp_avg, exp_avg_sq, step, bits) in enumerate(
@@ -93,7 +101,7 @@ def _single_tensor_spam(
     ):
         param, grad, exp_avg, exp_avg_sq = real_view(param), real_view(grad), real_view(exp_avg), real_view(exp_avg_sq)
         keep_here, keep_float = keep_on(keep, param.device)
-        kept = None if bits is None else sparse.kept_index(bits, param.numel())
+        kept = _kept(bits, kept_positions[i], param.numel())
         g = gradient_copy(grad, kept, keep_here, h.maximize, exp_avg.dtype, unscale)
         full = param.to(exp_avg.dtype)  # half-precision params: update in fp32, round once at the end
         work = full if kept is None else sparse.gather(full, kept)
@@ -142,6 +150,7 @@ def _multi_tensor_spam(
     keep: Tensor | None,
     clip_counts: list[Tensor | None] | None,
     grad_scale: Tensor | None,
+    kept_positions: list[Tensor | None],
 ) -> None:
     unscale = inverse_scale(grad_scale)
     reals = [real_view(p) for p in params]
@@ -152,7 +161,8 @@ def _multi_tensor_spam(
         full = [p.to(m.dtype) for p, m in zip(originals, ms)]  # half precision: fp32 math, one rounding
         vs = [real_view(exp_avg_sqs[i]) for i in index]
         ks = [steps[i] for i in index]
-        kept = {i: sparse.kept_index(mask_bits[i], reals[i].numel()) for i in index if mask_bits[i] is not None}
+        kept = {i: _kept(mask_bits[i], kept_positions[i], reals[i].numel()) for i in index
+                if mask_bits[i] is not None}
         gs = [gradient_copy(real_view(grads[i]), kept.get(i), keep_here, h.maximize, m.dtype, unscale)
               for i, m in zip(index, ms)]
         work = [p if i not in kept else sparse.gather(p, kept[i]) for i, p in zip(index, full)]
@@ -271,6 +281,7 @@ def _compiled_spam(
     keep: Tensor | None,
     clip_counts: list[Tensor | None] | None,
     grad_scale: Tensor | None,
+    kept_positions: list[Tensor | None],
 ) -> None:
     from . import compiled
     from .compiled import flat_view as flat
@@ -312,16 +323,24 @@ def _compiled_spam(
                 work, flat_m, flat_v = flat(param), flat(m), flat(v)
                 clipped = kernel(work, flat(grad), flat_m, flat_v, size, scalars)
                 compiled.write_back(((param, work), (m, flat_m), (v, flat_v)))
-            else:
-                kept = sparse.kept_index(mask_bits[i], param.numel())
+            elif param.dtype == m.dtype:  # the loop reads and writes the kept coordinates itself
+                positions = kept_positions[i]
+                if positions is None:
+                    positions = sparse.kept_index(mask_bits[i], param.numel())
+                work = flat(param)
+                clipped = kernel(work, flat(grad), flat(m), flat(v), size, sparse_scalars, positions)
+                if h.weight_decay != 0:
+                    work.mul_(decay.to(work.dtype))
+                compiled.write_back(((param, work),))
+            else:  # half precision: update and decay in the moments' dtype, round once
+                kept = _kept(mask_bits[i], kept_positions[i], param.numel())
                 full = param.to(m.dtype)
                 work = sparse.gather(full, kept)
                 clipped = kernel(flat(work), sparse.gather(grad, kept), flat(m), flat(v), size, sparse_scalars)
                 sparse.scatter_(full, kept, work)
                 if h.weight_decay != 0:
                     full.mul_(decay.to(full.dtype))
-                if full is not param:
-                    param.copy_(full)
+                param.copy_(full)
             if clip_counts is not None and h.threshold > 0:
                 clip_counts[i] = clipped
 
@@ -340,6 +359,7 @@ def spam(
     clip_counts: list[Tensor | None] | None = None,
     grad_scale: Tensor | None = None,
     num_warps: int | None = None,
+    kept_positions: list[Tensor | None] | None = None,
 ) -> None:
     """Functional SPAM step over parallel lists (see the module docstring for the math).
 
@@ -357,20 +377,24 @@ def spam(
         grad_scale: the loss scale of ``torch.amp.GradScaler`` (1-element device tensor): gradients are
             divided by it inside the step, sparing a separate unscaling pass; ``None``: already unscaled.
         num_warps: the fused kernel's warps per program (``None``: its default); ignored by the others.
+        kept_positions: optional, per parameter, the flat positions its ``mask_bits`` keeps (what
+            :func:`.sparse.kept_index` finds, any integer dtype, kept by the caller between steps) or ``None``
+            (found from the bits this step). The fused kernel reads the bits directly and ignores them.
     """
     arrays = (params, grads, exp_avgs, exp_avg_sqs, steps, mask_bits)
     options = dict(keep=keep, clip_counts=clip_counts, grad_scale=grad_scale)
+    positions = [None] * len(params) if kept_positions is None else kept_positions
     if implementation == "fused":
         _fused_spam(*arrays, h, **options, num_warps=num_warps)
     elif implementation == "compiled":
         from .compiled import limits
 
         with limits():  # room for every dtype's kernel
-            _compiled_spam(*arrays, h, **options)
+            _compiled_spam(*arrays, h, **options, kept_positions=positions)
     elif implementation == "foreach":
-        _multi_tensor_spam(*arrays, h, **options)
+        _multi_tensor_spam(*arrays, h, **options, kept_positions=positions)
     elif implementation == "forloop":
-        _single_tensor_spam(*arrays, h, **options)
+        _single_tensor_spam(*arrays, h, **options, kept_positions=positions)
     else:
         raise ValueError(f"Invalid implementation value: {implementation!r} (one of 'fused', 'compiled', 'foreach', "
                          "'forloop')")
