@@ -79,10 +79,11 @@ def main() -> None:
     args = arguments(__doc__, "results/sparse_copies.json", repeats=5)
     named = llama_parameters(args.model)
     params = [p for _, p in named]
-    groups = [{"params": [p for n, p in named if is_block_matrix(n, p.shape)], "density": 0.25},
-              {"params": [p for n, p in named if not is_block_matrix(n, p.shape)]}]
     optimizers = {"adamw_fused": torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True)}
     for name, (flags, _) in VARIANTS.items():
+        # new group dicts each time: torch.optim writes its defaults (the implementation flags) into them
+        groups = [{"params": [p for n, p in named if is_block_matrix(n, p.shape)], "density": 0.25},
+                  {"params": [p for n, p in named if not is_block_matrix(n, p.shape)]}]
         optimizers[f"spam_sparse25_{name}"] = SPAM(groups, lr=1e-3, clip_delay=0, **flags)
     contexts = {f"spam_sparse25_{name}": context for name, (_, context) in VARIANTS.items()}
     median = interleaved_medians(optimizers, lambda name: contexts.get(name, nullcontext)(), args.repeats)

@@ -69,13 +69,23 @@ def _candidates(named, device: str, num_warps: list[int]) -> dict:
     # the reference puts attention and MLP matrices in the density group
     sparse = [p for n, p in named if is_block_matrix(n, p.shape)]
     dense = [p for n, p in named if not is_block_matrix(n, p.shape)]
-    sparse_groups = [{"params": sparse, "density": 0.25}, {"params": dense}]
+
+    # New group dicts for every optimizer: torch.optim writes its defaults into the dicts it is given, so a
+    # second optimizer made from the same dicts would take the first one's implementation flags (foreach=True
+    # over its own compiled=True or fused=True) and time the wrong implementation under its name.
+    def sparse_groups() -> list[dict]:
+        return [{"params": sparse, "density": 0.25}, {"params": dense}]
+
+    def all_matrices() -> list[dict]:
+        return [{"params": [p for p in params if p.dim() == 2], "density": 0.25},
+                {"params": [p for p in params if p.dim() != 2]}]
+
     candidates = {
         "adamw_foreach": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, foreach=True),
         "adamw_fused": lambda: torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0, fused=True),
         "spam_forloop": lambda: SPAM(params, lr=1e-3, foreach=False, clip_delay=0),
         "spam_foreach": lambda: SPAM(params, lr=1e-3, foreach=True, clip_delay=0),
-        "spam_sparse25_foreach": lambda: SPAM(sparse_groups, lr=1e-3, foreach=True, clip_delay=0),
+        "spam_sparse25_foreach": lambda: SPAM(sparse_groups(), lr=1e-3, foreach=True, clip_delay=0),
         "stable_spam_forloop": lambda: StableSPAM(params, lr=1e-3, foreach=False),
         "stable_spam_foreach": lambda: StableSPAM(params, lr=1e-3, foreach=True),
     }
@@ -89,20 +99,19 @@ def _candidates(named, device: str, num_warps: list[int]) -> dict:
         candidates.update({
             "spam_compiled": lambda: SPAM(params, lr=1e-3, compiled=True, clip_delay=0),
             "spam_compiled_noskip": lambda: SPAM(params, lr=1e-3, compiled=True, clip_delay=0, skip_nonfinite=False),
-            "spam_sparse25_compiled": lambda: SPAM(sparse_groups, lr=1e-3, compiled=True, clip_delay=0),
-            "spam_sparse25_compiled_positions": lambda: SPAM(sparse_groups, lr=1e-3, compiled=True, clip_delay=0,
+            "spam_sparse25_compiled": lambda: SPAM(sparse_groups(), lr=1e-3, compiled=True, clip_delay=0),
+            "spam_sparse25_compiled_positions": lambda: SPAM(sparse_groups(), lr=1e-3, compiled=True, clip_delay=0,
                                                              keep_positions=True),
             "stable_spam_compiled": lambda: StableSPAM(params, lr=1e-3, compiled=True),
         })
     if device == "cuda" and fused.fused_available(torch.device(device)):
-        all_matrices = [{"params": [p for p in params if p.dim() == 2], "density": 0.25},
-                        {"params": [p for p in params if p.dim() != 2]}]
-        variants = {"spam_fused": (params, {}), "spam_fused_noskip": (params, {"skip_nonfinite": False}),
+        variants = {"spam_fused": (lambda: params, {}),
+                    "spam_fused_noskip": (lambda: params, {"skip_nonfinite": False}),
                     "spam_sparse25_fused": (sparse_groups, {}), "spam_sparse25_all_fused": (all_matrices, {})}
         for warps in num_warps:
             suffix = "" if len(num_warps) == 1 else f"_w{warps}"
             for name, (groups, options) in variants.items():
-                candidates[name + suffix] = lambda g=groups, o=options, w=warps: _fused_spam(g, o, w)
+                candidates[name + suffix] = lambda g=groups, o=options, w=warps: _fused_spam(g(), o, w)
     return candidates
 
 

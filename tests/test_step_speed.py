@@ -59,3 +59,20 @@ def test_interleaved_rows_see_the_same_gradients_and_are_all_timed(step_speed):
     assert len(before.seen) == len(after.seen) == 6
     assert before.seen == after.seen == pytest.approx([total] * 6)
     assert total != 0
+
+
+def test_every_row_times_the_implementation_its_name_says(step_speed):
+    """Rows made in one process from shared group dicts once took the first sparse row's flags (torch.optim
+    writes its defaults into the dicts it is given), so "compiled" and "fused" sparse rows timed foreach. Made
+    in the benchmark's order, every SPAM and Stable-SPAM row's groups use the implementation its name says."""
+    named = step_speed._params("tiny", "cpu")
+    made = {name: make() for name, make in step_speed._candidates(named, "cpu", [8]).items()}
+    checked = 0
+    for name, opt in made.items():
+        if not name.startswith(("spam", "stable_spam")):
+            continue
+        expected = next(kind for kind in ("compiled", "fused", "foreach", "forloop") if kind in name)
+        assert {opt._implementation(g, g["params"]) for g in opt.param_groups} == {expected}, name
+        checked += 1
+    assert checked >= 7
+    assert made["spam_sparse25_compiled_positions"].param_groups[0]["keep_positions"] is True
