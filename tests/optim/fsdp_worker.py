@@ -33,11 +33,12 @@ def build_model() -> torch.nn.Module:
                                torch.nn.Tanh(), torch.nn.Linear(26, 100))
 
 
-def build_optimizer(model: torch.nn.Module, density: float, foreach: bool) -> SPAM:
+def build_optimizer(model: torch.nn.Module, density: float, foreach: bool, keep_positions: bool = False) -> SPAM:
     first, _, middle, _, last = model
     sparse = [first.weight, last.weight]
     dense = [middle.weight, first.bias, middle.bias, last.bias]
-    return SPAM([{"params": sparse, "density": density}, {"params": dense}], foreach=foreach, **SETTINGS)
+    return SPAM([{"params": sparse, "density": density}, {"params": dense}], foreach=foreach,
+                keep_positions=keep_positions, **SETTINGS)
 
 
 def train_step(model: torch.nn.Module, optimizer: SPAM, step: int) -> None:
@@ -56,6 +57,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--density", type=float, default=0.3)
     parser.add_argument("--foreach", action="store_true")
+    parser.add_argument("--keep-positions", action="store_true")
     parser.add_argument("--save-at", type=int)
     parser.add_argument("--save-dir")
     parser.add_argument("--load")
@@ -74,7 +76,7 @@ def main() -> None:
         for index in (0, 2, 4):
             fully_shard(model[index])
         fully_shard(model)
-    optimizer = build_optimizer(model, args.density, args.foreach)
+    optimizer = build_optimizer(model, args.density, args.foreach, args.keep_positions)
     start = 0
     if args.load:
         template = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}

@@ -36,12 +36,13 @@ def _run(processes: int, *args: str) -> None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> Path:
     """One process and two, 10 steps each, both saving a sharded checkpoint after step 4; then each
-    checkpoint resumed by the other number of processes."""
+    checkpoint resumed by the other number of processes; and two processes keeping the kept positions."""
     root = tmp_path_factory.mktemp("fsdp")
     _run(1, "--steps", "10", "--save-at", "4", "--save-dir", str(root / "one_ckpt"), "--out", str(root / "one.pt"))
     _run(2, "--steps", "10", "--save-at", "4", "--save-dir", str(root / "two_ckpt"), "--out", str(root / "two.pt"))
     _run(1, "--steps", "10", "--load", str(root / "two_ckpt"), "--out", str(root / "two_then_one.pt"))
     _run(2, "--steps", "10", "--load", str(root / "one_ckpt"), "--out", str(root / "one_then_two.pt"))
+    _run(2, "--steps", "10", "--keep-positions", "--out", str(root / "two_keeping_positions.pt"))
     return root
 
 
@@ -66,6 +67,13 @@ def test_sparse_momentum_under_fsdp2_equals_one_process(runs):
     one = _load(runs / "one.pt")
     assert "mask_bits" in one["optim"]["state"]["0.weight"] and "mask_bits" not in one["optim"]["state"]["2.weight"]
     _assert_identical(one, _load(runs / "two.pt"))
+
+
+def test_kept_positions_under_fsdp2_equal_one_process(runs):
+    """Two processes with ``keep_positions=True`` (each keeps its rows' positions, found again after the redraws
+    after steps 3 and 7 change how many kept coordinates each rank holds) train bit for bit as one process
+    searching the bitmask every step."""
+    _assert_identical(_load(runs / "one.pt"), _load(runs / "two_keeping_positions.pt"))
 
 
 @pytest.mark.parametrize("resumed", ["two_then_one", "one_then_two"])

@@ -101,6 +101,24 @@ def test_masks_follow_the_process_seed():
     assert not torch.equal(first_mask(1), first_mask(2))
 
 
+@pytest.mark.parametrize("with_numpy", [True, False], ids=["numpy", "torch"])
+@pytest.mark.parametrize("numel", [0, 1, 13, 4096, 3 * 4096 + 5])
+def test_kept_index_lists_the_set_bits_in_order(monkeypatch, numel, with_numpy):
+    """The positions ``kept_index`` finds, with numpy (the CPU's fast path) and without (torch's ``nonzero``,
+    also the path on other devices), are the indices of the unpacked mask's True entries, ascending, int64,
+    for lengths that are no multiple of 8 or of a stratum."""
+    if not with_numpy:
+        monkeypatch.setattr(sparse, "_numpy", None)
+    elif sparse._numpy is None:
+        pytest.skip("numpy is not installed")
+    bits = sparse.draw_mask(numel, 0.3, seed=4, generation=2, device="cpu")
+    mask = sparse.unpack_mask(bits, numel)
+    expected = [i for i, kept in enumerate(mask.tolist()) if kept]
+    found = sparse.kept_index(bits, numel)
+    assert found.dtype == torch.int64 and found.tolist() == expected
+    assert len(expected) == sparse.kept_count(numel, 0.3)
+
+
 @pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "transposed"])
 def test_gather_and_scatter_move_exactly_the_kept_coordinates_in_row_major_order(transposed):
     """The indexed copies equal torch's boolean-mask copies (``masked_select`` / ``masked_scatter_``, the oracle)

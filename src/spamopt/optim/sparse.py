@@ -21,6 +21,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+try:  # finds kept positions on the CPU several times faster than torch (kept_index); not a requirement
+    import numpy as _numpy
+except ImportError:  # pragma: no cover - every extra installs numpy
+    _numpy = None
+
 __all__ = ["STRATUM", "kept_count", "kept_per_stratum", "param_seed", "draw_mask", "unpack_mask", "kept_index",
            "slice_bits", "count_kept", "gather", "scatter_"]
 
@@ -121,7 +126,13 @@ def kept_index(bits: Tensor, numel: int) -> Tensor:
     """The flat row-major positions of the coordinates a packed bitmask keeps (int64, ascending; transient, 8
     bytes per kept coordinate). Finding them is the costly part of moving between a matrix and its compact
     buffers, so a step finds them once per tensor and every :func:`gather` and :func:`scatter_` of that tensor
-    is a plain indexed copy (three boolean-mask copies found them three times: 2-3x slower on the CPU)."""
+    is a plain indexed copy (three boolean-mask copies found them three times: 2-3x slower on the CPU).
+
+    On the CPU, with numpy installed, numpy unpacks the bits and lists the set ones: the same positions, 3-6x
+    faster than torch's ``nonzero`` on two threads (``benchmarks/sparse_copies.py``); elsewhere torch's."""
+    if _numpy is not None and bits.device.type == "cpu":
+        mask = _numpy.unpackbits(bits.numpy(), count=numel, bitorder="little").view(_numpy.bool_)
+        return torch.from_numpy(_numpy.flatnonzero(mask).astype(_numpy.int64, copy=False))
     return unpack_mask(bits, numel).nonzero().squeeze(1)
 
 
