@@ -107,8 +107,8 @@ class SPAM(SpikeAwareOptimizer):
             pure-bf16 training do.
         keep_positions: keep each sparse matrix's kept positions between steps (int32, 4 bytes per kept
             coordinate: at density ``d`` another ``4·d`` bytes per matrix element beside the ``8·d + 0.125``
-            of moments and mask) instead of finding them in the bitmask every step, which is most of a sparse
-            step's time on the CPU. Not state: they are found again after a mask redraw or loading a
+            of moments and mask) instead of finding them in the bitmask every step, a large part of a compiled
+            sparse step on the CPU (about 1.4x faster with them at LLaMA-60M shapes). Not state: they are found again after a mask redraw or loading a
             checkpoint. No effect on dense groups or on the fused kernel, which reads the bitmask itself.
 
     Mixed precision: under ``torch.amp.GradScaler`` every implementation takes the scaler's loss scale and inf
