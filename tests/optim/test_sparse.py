@@ -183,16 +183,18 @@ def _counting_searches(monkeypatch) -> list[int]:
     return calls
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("implementation", _IMPLEMENTATIONS)
-def test_kept_positions_spare_the_search_and_change_nothing_else(implementation, monkeypatch):
+def test_kept_positions_spare_the_search_and_change_nothing_else(implementation, dtype, monkeypatch):
     """``keep_positions=True`` searches each mask once (4 sparse matrices x 3 masks over 12 steps with redraws
     after steps 4 and 9, where the default searches every step: 48), keeps them in int32, and gives bit for bit
-    the parameters and moments of the default on the stress set (so a stale position after a redraw would show)."""
+    the parameters and moments of the default on the stress set (so a stale position after a redraw would show),
+    for fp32 and for bf16 matrices (updated on fp32 copies)."""
     calls = _counting_searches(monkeypatch)
-    params, opt, counts = run_steps(implementation, torch.float32, 0.25)
+    params, opt, counts = run_steps(implementation, dtype, 0.25)
     assert len(calls) == 48
     calls.clear()
-    kept_params, kept_opt, kept_counts = run_steps(implementation, torch.float32, 0.25, keep_positions=True)
+    kept_params, kept_opt, kept_counts = run_steps(implementation, dtype, 0.25, keep_positions=True)
     assert len(calls) == 12
     assert {entry[2].dtype for entry in kept_opt._positions.values()} == {torch.int32}
     assert counts == kept_counts
