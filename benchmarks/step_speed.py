@@ -123,7 +123,7 @@ def _sync(device: str) -> None:
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
     """The optimizer's state, and the kept positions ``keep_positions=True`` holds beside it between steps."""
     per_parameter = [s for s in opt.state.values() if isinstance(s, dict)]  # pytorch-optimizer keeps counters too
-    positions = [entry[-1] for entry in getattr(opt, "_positions", {}).values()]
+    positions = list(opt.kept_positions().values()) if isinstance(opt, SPAM) else []
     return (sum(t.numel() * t.element_size() for s in per_parameter for t in s.values() if isinstance(t, torch.Tensor))
             + sum(t.numel() * t.element_size() for t in positions))
 

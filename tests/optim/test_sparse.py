@@ -196,7 +196,7 @@ def test_kept_positions_spare_the_search_and_change_nothing_else(implementation,
     calls.clear()
     kept_params, kept_opt, kept_counts = run_steps(implementation, dtype, 0.25, keep_positions=True)
     assert len(calls) == 12
-    assert {entry[2].dtype for entry in kept_opt._positions.values()} == {torch.int32}
+    assert {t.dtype for t in kept_opt.kept_positions().values()} == {torch.int32} and not opt.kept_positions()
     assert counts == kept_counts
     for ref, got in zip(params, kept_params):
         assert torch.equal(got, ref)

@@ -267,6 +267,11 @@ class SPAM(SpikeAwareOptimizer):
         shard = None if bits is None else sharding.row_shard(param)
         return bits if shard is None else sparse.slice_bits(bits, shard.start, shard.end)
 
+    def kept_positions(self) -> dict[Tensor, Tensor]:
+        """The kept positions held between steps (``keep_positions=True``), per sparse matrix: memory the optimizer
+        keeps beside its state (not in ``state``, not saved), to count with it. Empty when no group keeps them."""
+        return {param: entry[2] for param, entry in self.__dict__.get("_positions", {}).items()}
+
     def _kept_positions(self, group: dict[str, Any], params: list[Tensor], states: list[dict[str, Any]],
                         bits: list[Tensor | None]) -> list[Tensor | None] | None:
         """The kept positions of the group's sparse matrices when it keeps them (``keep_positions``): found once

@@ -82,6 +82,23 @@ def test_state_bytes_equals_torchs_memory_tracker(name):
     assert state_bytes(setup.optimizer) == tracked
 
 
+def test_state_bytes_counts_the_kept_positions_held_beside_the_state():
+    """With ``keep_positions=True`` a sparse matrix's int32 positions stay alive between steps outside
+    ``optimizer.state``: the harness's memory figure counts them (4 bytes per kept coordinate) instead of
+    reporting the memory of the option off."""
+    shapes = [(344, 128), (70, 90)]
+    figures = []
+    for keep in (False, True):
+        params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+        opt = SPAM(params, density=0.3, keep_positions=keep)
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+        figures.append(state_bytes(opt))
+    kept = sum(opt.state[p]["exp_avg"].numel() for p in params)
+    assert figures[1] - figures[0] == 4 * kept > 0
+
+
 def test_sparse_spam_formula_equals_spams_own_state():
     shapes = [(344, 128), (70, 90)]
     params = [torch.nn.Parameter(torch.randn(s)) for s in shapes]

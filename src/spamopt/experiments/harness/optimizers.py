@@ -242,7 +242,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     """Bytes of storage the optimizer state keeps alive: every tensor in it and tensors one attribute deep
     (GaLore's projector), each storage counted once and whole, since a slice keeps its whole base alive
     (galore-torch's projector is a slice of a full SVD factor). Distributed tensors count their local shard.
-    Equals what ``torch.distributed._tools.mem_tracker.MemTracker`` attributes to the optimizer state."""
+    Equals what ``torch.distributed._tools.mem_tracker.MemTracker`` attributes to the optimizer state, plus what
+    an optimizer holds beside it between steps (SPAM's ``kept_positions()``, with ``keep_positions=True``)."""
     seen: set[int] = set()
     total = 0
 
@@ -259,4 +260,7 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
             add(value)
             for attribute in getattr(value, "__dict__", {}).values():
                 add(attribute)
+    held_beside = getattr(optimizer, "kept_positions", None)
+    for positions in (held_beside() if callable(held_beside) else {}).values():
+        add(positions)
     return total
