@@ -123,9 +123,10 @@ def _sync(device: str) -> None:
 def _state_bytes(opt: torch.optim.Optimizer) -> int:
     """The optimizer's state, and the kept positions ``keep_positions=True`` holds beside it between steps."""
     per_parameter = [s for s in opt.state.values() if isinstance(s, dict)]  # pytorch-optimizer keeps counters too
-    positions = list(opt.kept_positions().values()) if isinstance(opt, SPAM) else []
-    return (sum(t.numel() * t.element_size() for s in per_parameter for t in s.values() if isinstance(t, torch.Tensor))
-            + sum(t.numel() * t.element_size() for t in positions))
+    tensors = [t for s in per_parameter for t in s.values() if isinstance(t, torch.Tensor)]
+    if isinstance(opt, SPAM):
+        tensors += opt.kept_positions().values()
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def copy_bandwidth(device: str, repeats: int = 10) -> float:

@@ -108,8 +108,9 @@ class SPAM(SpikeAwareOptimizer):
         keep_positions: keep each sparse matrix's kept positions between steps (int32, 4 bytes per kept
             coordinate: at density ``d`` another ``4·d`` bytes per matrix element beside the ``8·d + 0.125``
             of moments and mask) instead of finding them in the bitmask every step, a large part of a compiled
-            sparse step on the CPU (about 1.4x faster with them at LLaMA-60M shapes). Not state: they are found again after a mask redraw or loading a
-            checkpoint. No effect on dense groups or on the fused kernel, which reads the bitmask itself.
+            sparse step on the CPU (about 1.4x faster with them at LLaMA-60M shapes). Not state: they are found
+            again after a mask redraw or loading a checkpoint. No effect on dense groups or on the fused kernel,
+            which reads the bitmask itself.
 
     Mixed precision: under ``torch.amp.GradScaler`` every implementation takes the scaler's loss scale and inf
     flag directly (``_step_supports_amp_scaling``, as torch's fused optimizers do): the gradients are unscaled
@@ -278,8 +279,9 @@ class SPAM(SpikeAwareOptimizer):
         per mask (a new mask is a new tensor: drawn, loaded or sliced for a shard) and kept in int32."""
         kept: dict[Tensor, tuple[Tensor, int, Tensor]] = self.__dict__.setdefault("_positions", {})
         if not group["keep_positions"]:
-            for param in params:
-                kept.pop(param, None)
+            if kept:  # the group kept them before its setting changed
+                for param in params:
+                    kept.pop(param, None)
             return None
         positions: list[Tensor | None] = []
         for param, state, local_bits in zip(params, states, bits):
