@@ -38,15 +38,20 @@ def _execute(calls):
     return execute
 
 
-def test_each_run_once_then_reused_until_its_config_changes(tmp_path):
+def test_each_run_once_then_reused_until_its_config_changes(tmp_path, capsys):
+    """Each (name, seed) runs once; a rerun reuses the finished runs and names each on the output (a rerun
+    that trains nothing says so); another config is refused, naming run and field; ``overwrite`` runs again."""
     calls: list = []
     make = lambda name, seed, directory: Job(name, seed, str(directory))  # noqa: E731
     run_grid(tmp_path, ["a", "b"], [0, 1], make, _execute(calls))
     assert calls == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    assert not [line for line in capsys.readouterr().out.splitlines() if line.endswith(", reused")]
     assert finished(tmp_path / "a" / "seed1", Job("a", 1, str(tmp_path / "a" / "seed1")))
     calls.clear()
     run_grid(tmp_path, ["a", "b"], [0, 1], make, _execute(calls))
     assert calls == []
+    reused = [line for line in capsys.readouterr().out.splitlines() if line.endswith(", reused")]
+    assert len(reused) == 4 and str(tmp_path / "b" / "seed1") in reused[-1]
     changed = lambda name, seed, directory: Job(name, seed, str(directory), size=2)  # noqa: E731
     with pytest.raises(RunRefused, match=r"2 runs cannot .*a/seed0 holds a run made with other settings "
                                          r"\(size: 1 -> 2\).*a/seed1"):

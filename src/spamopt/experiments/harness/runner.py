@@ -105,8 +105,13 @@ def run_jobs(configs: list[Any], execute: Callable[[Any], Any], workers: int = 1
         raise ValueError(f"Invalid workers value: {workers} (must be >= 1)")
     if workers > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError(f"Invalid workers value: {workers} (parallel workers cannot run under torchrun: use 1)")
-    pending = [config for config in configs if not finished(config.run_dir, config)]
+    pending, reused = [], []
+    for config in configs:
+        (reused if finished(config.run_dir, config) else pending).append(config)
     refuse_conflicts(pending)
+    if is_rank_zero():  # said, so that a rerun which trains nothing is not taken for a fresh result
+        for config in reused:
+            print(f"== {config.run_dir}: finished under these settings, reused", flush=True)
     if workers == 1 or len(pending) <= 1:
         for config in pending:
             if is_rank_zero():
