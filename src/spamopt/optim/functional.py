@@ -269,6 +269,29 @@ def _fused_spam(
                 clip_counts[i] = counts[k]
 
 
+def _native_spam(params: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor], index: list[int],
+                 mask_bits: list[Tensor | None], sizes: Tensor, scalars: Tensor,
+                 clip_counts: list[Tensor | None] | None, counting: bool) -> set[int]:
+    """Step the dense CPU tensors of ``index`` (positions ``k`` into ``ms``, ``vs`` and ``sizes``) that the
+    native loop takes, one call per dtype (:mod:`.native`: the compiled kernel's bits); returns their ``k``."""
+    from . import native
+
+    if params[index[0]].device.type != "cpu" or not native.available():
+        return set()
+    by_dtype: dict[torch.dtype, list[int]] = defaultdict(list)
+    for k, i in enumerate(index):
+        if mask_bits[i] is None and native.eligible(real_view(params[i]), real_view(grads[i]), ms[k], vs[k]):
+            by_dtype[ms[k].dtype].append(k)
+    for ks in by_dtype.values():
+        counts = native.spam_update([real_view(params[index[k]].detach()) for k in ks],
+                                    [real_view(grads[index[k]]) for k in ks], [ms[k] for k in ks],
+                                    [vs[k] for k in ks], sizes[ks], scalars, counting)
+        if clip_counts is not None and counts is not None:
+            for k, count in zip(ks, counts.unbind(0)):
+                clip_counts[index[k]] = count
+    return {k for ks in by_dtype.values() for k in ks}
+
+
 def _compiled_spam(
     params: list[Tensor],
     grads: list[Tensor],
@@ -310,7 +333,11 @@ def _compiled_spam(
         sparse_scalars = scalars.clone()
         sparse_scalars[4] = 1.0  # a sparse parameter decays all its coordinates after the scatter
         counting = clip_counts is not None
+        done = _native_spam(params, grads, ms, vs, index, mask_bits, sizes, scalars, clip_counts,
+                            counting and (isinstance(h.threshold, Tensor) or h.threshold > 0))
         for k, i in enumerate(index):
+            if k in done:
+                continue
             # Detached, and a step size that is no view: the kernel is guarded on neither.
             param, m, v, grad = real_view(params[i].detach()), ms[k], vs[k], real_view(grads[i])
             if m.numel() == 0:  # nothing to update (an empty tensor, or a sparse one with nothing kept)
