@@ -15,7 +15,11 @@ comparison with torch's AdamW, which does no such check; the check alone is time
 fused rows for each Triton warp count. ``*_compiled*`` rows are ``compiled=True``; their first step
 (``first_step_s``, with the state's creation) includes compiling the kernel, cached on disk for later runs
 (clear ``/tmp/torchinductor_$USER`` to measure a cold compile). ``*_positions`` keeps the sparse matrices'
-kept positions between steps (``keep_positions=True``: 4 bytes per kept coordinate more state).
+kept positions between steps (``keep_positions=True``: 4 bytes per kept coordinate more state). On the CPU
+the compiled SPAM rows step their dense tensors on the native loops (:mod:`spamopt.optim.native`) and
+the check runs there too; ``*_torch_kernels*`` and ``stable_spam_compiled_aminmax`` are the same optimizers
+with the loops switched off (``SPAMOPT_NATIVE=0``: one torch.compile kernel per tensor, ``aminmax``), and
+``nonfinite_check_aminmax_ms`` the check that way.
 
 On the CPU the rows are measured interleaved: every optimizer is created at once and they step the same
 parameters in turn, round after round (the check alone is one more row of each round), so a drift in the
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import statistics
 import time
@@ -41,7 +46,7 @@ import torch
 from spamopt import SPAM, StableSPAM
 from spamopt.experiments.harness.allocator import keep_freed_memory
 from spamopt.experiments.lm.config import CONFIGS, is_block_matrix
-from spamopt.optim import compiled, fused
+from spamopt.optim import compiled, fused, native
 from spamopt.optim.base import all_finite
 
 FLOOR_BYTES_PER_PARAMETER = 28  # fp32: read p, g, m, v; write p, m, v
@@ -55,6 +60,28 @@ def _params(model: str, device: str) -> list[tuple[str, torch.nn.Parameter]]:
         p.grad = torch.randn(shape, generator=gen).mul_(1e-3).to(device)
         named.append((name, p))
     return named
+
+
+class _TorchKernelsOnly:
+    """Steps ``opt`` with the native CPU loops switched off (``SPAMOPT_NATIVE=0``): its compiled step on the
+    torch.compile kernels, one call per tensor, and its non-finite check on ``aminmax``, as before the loops."""
+
+    def __init__(self, opt: torch.optim.Optimizer) -> None:
+        self.opt = opt
+
+    def __getattr__(self, name: str):
+        return getattr(self.opt, name)
+
+    def step(self) -> None:
+        before = os.environ.get("SPAMOPT_NATIVE")
+        os.environ["SPAMOPT_NATIVE"] = "0"
+        try:
+            self.opt.step()
+        finally:
+            if before is None:
+                del os.environ["SPAMOPT_NATIVE"]
+            else:
+                os.environ["SPAMOPT_NATIVE"] = before
 
 
 def _fused_spam(groups, options: dict, warps: int) -> SPAM:
@@ -104,6 +131,14 @@ def _candidates(named, device: str, num_warps: list[int]) -> dict:
                                                              keep_positions=True),
             "stable_spam_compiled": lambda: StableSPAM(params, lr=1e-3, compiled=True),
         })
+        if device == "cpu" and native.available():
+            candidates.update({
+                "spam_compiled_torch_kernels": lambda: _TorchKernelsOnly(
+                    SPAM(params, lr=1e-3, compiled=True, clip_delay=0)),
+                "spam_compiled_torch_kernels_noskip": lambda: _TorchKernelsOnly(
+                    SPAM(params, lr=1e-3, compiled=True, clip_delay=0, skip_nonfinite=False)),
+                "stable_spam_compiled_aminmax": lambda: _TorchKernelsOnly(StableSPAM(params, lr=1e-3, compiled=True)),
+            })
     if device == "cuda" and fused.fused_available(torch.device(device)):
         variants = {"spam_fused": (lambda: params, {}),
                     "spam_fused_noskip": (lambda: params, {"skip_nonfinite": False}),
@@ -124,6 +159,8 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
     """The optimizer's state, and the kept positions ``keep_positions=True`` holds beside it between steps."""
     per_parameter = [s for s in opt.state.values() if isinstance(s, dict)]  # pytorch-optimizer keeps counters too
     tensors = [t for s in per_parameter for t in s.values() if isinstance(t, torch.Tensor)]
+    if isinstance(opt, _TorchKernelsOnly):
+        opt = opt.opt
     if isinstance(opt, SPAM):
         tensors += opt.kept_positions().values()
     return sum(t.numel() * t.element_size() for t in tensors)
@@ -228,15 +265,17 @@ def measure(model: str, device: str, repeats: int, warmup: int, bandwidth: float
     order = _sequential if device == "cuda" else _interleaved
     candidates = _candidates(named, device, num_warps)
     candidates["nonfinite_check"] = lambda: _CheckOnly([p.grad for _, p in named])
+    candidates["nonfinite_check_aminmax"] = lambda: _TorchKernelsOnly(_CheckOnly([p.grad for _, p in named]))
     rows = order(named, snapshot, candidates, device, repeats, warmup)
     check_ms = rows.pop("nonfinite_check")["ms_per_step"]
+    aminmax_ms = rows.pop("nonfinite_check_aminmax")["ms_per_step"]
     floor_ms = 1e3 * FLOOR_BYTES_PER_PARAMETER * numel / bandwidth
     for row in rows.values():
         row["vs_floor"] = row["ms_per_step"] / floor_ms
         row["vs_adamw_fused"] = row["ms_per_step"] / rows["adamw_fused"]["ms_per_step"]
         row["vs_adamw_foreach"] = row["ms_per_step"] / rows["adamw_foreach"]["ms_per_step"]
     return {"model": model, "parameters": numel, "floor_ms": floor_ms, "order": order.__name__.lstrip("_"),
-            "nonfinite_check_ms": check_ms, "results": rows}
+            "nonfinite_check_ms": check_ms, "nonfinite_check_aminmax_ms": aminmax_ms, "results": rows}
 
 
 def main() -> None:
@@ -263,7 +302,8 @@ def main() -> None:
         run = measure(model, args.device, args.repeats, args.warmup, bandwidth, args.num_warps)
         report["runs"].append(run)
         print(f"\nLLaMA-{model} shapes, {run['parameters'] / 1e6:.1f}M parameters, {device_name}, "
-              f"28-byte floor {run['floor_ms']:.2f} ms; the non-finite check alone {run['nonfinite_check_ms']:.2f} ms")
+              f"28-byte floor {run['floor_ms']:.2f} ms; the non-finite check alone {run['nonfinite_check_ms']:.2f} ms "
+              f"({run['nonfinite_check_aminmax_ms']:.2f} ms on aminmax)")
         print(f"{'implementation':<28}{'ms/step':>10}{'vs floor':>10}{'vs fused':>10}{'vs foreach':>12}"
               f"{'state MiB':>11}{'peak extra MiB':>16}{'first step s':>14}")
         for name, row in run["results"].items():

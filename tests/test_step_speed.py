@@ -5,6 +5,7 @@ has them restored, so that the rows after it step on the same gradients as the r
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,25 @@ def test_every_row_times_the_implementation_its_name_says(step_speed):
         checked += 1
     assert checked >= 7
     assert made["spam_sparse25_compiled_positions"].param_groups[0]["keep_positions"] is True
+    torch_kernels = [name for name in made if "torch_kernels" in name or name.endswith("_aminmax")]
+    assert all(isinstance(made[name], step_speed._TorchKernelsOnly) for name in torch_kernels)
+    assert all(not isinstance(opt, step_speed._TorchKernelsOnly) for name, opt in made.items()
+               if name not in torch_kernels)
+
+
+def test_the_torch_kernel_rows_step_without_the_native_loops(step_speed, monkeypatch):
+    """A ``*_torch_kernels`` row's step runs with the native loops off (calling them would fail here), and the
+    switch is restored after it: the plain compiled row then uses them."""
+    from spamopt import SPAM
+    from spamopt.optim import native
+
+    calls = []
+    monkeypatch.setattr(native, "spam_update", lambda *args, **kwargs: calls.append(1))
+    monkeypatch.delenv("SPAMOPT_NATIVE", raising=False)
+    param = torch.nn.Parameter(torch.randn(16))
+    param.grad = torch.randn(16)
+    step_speed._TorchKernelsOnly(SPAM([param], compiled=True)).step()
+    assert calls == [] and "SPAMOPT_NATIVE" not in os.environ
+    if native.available():
+        SPAM([param], compiled=True).step()
+        assert calls == [1]

@@ -72,8 +72,10 @@ def test_schedules_do_not_recompile():
 
 def test_compiled_is_the_cpu_default_only_for_large_groups(monkeypatch):
     """A group at or above ``compile_min_numel`` elements takes the compiled step by default on the CPU; a smaller
-    one, or any group given an implementation flag, does not; without a compiler the default falls back to
-    the for-loop and ``compiled=True`` raises an error saying what is missing."""
+    one, or any group given an implementation flag, does not (with the native loops off; with them on, see
+    ``test_native.py``); without a compiler the default falls back to the for-loop and ``compiled=True`` raises
+    an error saying what is missing."""
+    monkeypatch.setenv("SPAMOPT_NATIVE", "0")
     param = torch.nn.Parameter(torch.randn(100))
     chosen = lambda opt: opt._implementation(opt.param_groups[0], [param])  # noqa: E731
     if param.device.type == "cpu":

@@ -237,3 +237,23 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, 
     monkeypatch.setenv("SPAMOPT_CACHE_DIR", str(blocker / "cache"))
     assert native._cache_dir() != blocker / "cache"
     assert os.access(native._cache_dir(), os.W_OK)
+
+
+def test_spam_takes_the_compiled_step_by_default_where_the_native_loops_step_the_whole_group(native_off):
+    """On the CPU a dense float32 or float64 group of any size defaults to the compiled step when the native
+    loops run (they cost no torch.compile time); a sparse group, a bfloat16 one, an explicit flag,
+    Stable-SPAM (whose update has no native loop) or ``SPAMOPT_NATIVE=0`` keep the for-loop below
+    ``compile_min_numel``."""
+    def chosen(opt):
+        return {opt._implementation(g, g["params"]) for g in opt.param_groups}
+
+    small = [torch.nn.Parameter(torch.randn(10, 10)), torch.nn.Parameter(torch.randn(10))]
+    assert chosen(SPAM(small)) == {"compiled"}
+    assert chosen(SPAM([p.detach().double().requires_grad_() for p in small])) == {"compiled"}
+    assert chosen(SPAM(small, density=0.5)) == {"forloop"}
+    assert chosen(SPAM([torch.nn.Parameter(torch.randn(10, dtype=torch.bfloat16))])) == {"forloop"}
+    assert chosen(SPAM(small, foreach=True)) == {"foreach"}
+    assert chosen(SPAM(small, compiled=False)) == {"forloop"}
+    assert chosen(StableSPAM(small)) == {"forloop"}
+    native_off(False)
+    assert chosen(SPAM(small)) == {"forloop"}

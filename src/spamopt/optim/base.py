@@ -486,19 +486,24 @@ class SpikeAwareOptimizer(Optimizer):
 
         return (param.is_floating_point() or param.is_complex()) and compiled_available(local(param).device.type)
 
+    def _natively_stepped(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """The compiled step would run this whole group on :mod:`.native` loops, which take no torch.compile
+        time, so it is the CPU default at any size (no optimizer here does, unless it says so)."""
+        return False
+
     def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
         """``"fused"``, ``"compiled"``, ``"foreach"`` or ``"forloop"`` for this group's parameters.
 
         ``fused=None``, ``compiled=None`` and ``foreach=None`` (the defaults) pick fused where it runs compiled
         (CUDA with Triton, every parameter qualifying), else the compiled step on a CPU with a C++ compiler for
-        groups of at least :attr:`compile_min_numel` elements, else foreach on CUDA, else the for-loop
-        reference.
+        groups of at least :attr:`compile_min_numel` elements or that the native loops take whole, else
+        foreach on CUDA, else the for-loop reference.
         """
         compiled = group.get("compiled")
         if compiled is None:
             compiled = (group["fused"] is None and group["foreach"] is None and not group["capturable"] and all(
                 p.device.type == "cpu" and self._compilable(p) for p in params)
-                and sum(p.numel() for p in params) >= self.compile_min_numel)
+                and (sum(p.numel() for p in params) >= self.compile_min_numel or self._natively_stepped(group, params)))
         elif compiled and not all(self._compilable(p) for p in params):
             raise RuntimeError(f"compiled=True needs torch.compile's backend for every parameter (a C++ compiler on "
                                f"the CPU, Triton on CUDA) and an optimizer with a compiled step "
