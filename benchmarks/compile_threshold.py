@@ -4,8 +4,10 @@ costs a fresh process, with torch's on-disk kernel cache empty and warm.
 
 Per shape, in one process with the kernels already built: both steps' ms/step (interleaved, median) and the
 saving per step. Then two child processes step the ``--compile-shape`` parameters once with ``compiled=True``:
-the first with an empty ``TORCHINDUCTOR_CACHE_DIR`` (cold: what a user's first run pays), the second with the
-cache the first left (warm: every later run); a child's compile time is its first step minus a later one.
+the first with an empty ``TORCHINDUCTOR_CACHE_DIR`` and ``SPAMOPT_CACHE_DIR`` (cold: what a user's first run
+pays), the second with the caches the first left (warm: every later run); a child's compile time is its first
+step minus a later one. Where the native CPU loops build, ``compiled=True`` steps these dense float32 groups
+on them (``SPAMOPT_NATIVE=0`` measures the torch.compile kernels instead).
 A run repays the compilation after compile time / saving steps. Writes JSON; prints a markdown table. ::
 
     python benchmarks/compile_threshold.py --threads 2
@@ -45,8 +47,9 @@ def _compile_seconds(shape: str) -> float:
 
 def _child_compile_seconds(shape: str, threads: int, cache: str) -> float:
     command = [sys.executable, __file__, "--child", shape, "--threads", str(threads)]
-    out = subprocess.run(command, env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache}, capture_output=True,
-                         text=True, check=True)
+    # Both caches: torch's kernels and spamopt's native loops (which step SPAM's dense float32 groups).
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache, "SPAMOPT_CACHE_DIR": cache}
+    out = subprocess.run(command, env=env, capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 
 

@@ -60,8 +60,11 @@ def _cache_dir() -> Path:
                     return Path(candidate)
             except OSError:
                 pass
-    fallback = Path(tempfile.gettempdir()) / f"spamopt-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
-    fallback.mkdir(parents=True, exist_ok=True)
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    fallback = Path(tempfile.gettempdir()) / f"spamopt-{uid if uid is not None else 'user'}"
+    fallback.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if uid is not None and fallback.stat().st_uid != uid:  # someone else's folder: never load a library from it
+        return Path(tempfile.mkdtemp(prefix="spamopt-"))
     return fallback
 
 
