@@ -86,9 +86,12 @@ class SPAM(SpikeAwareOptimizer):
             both flags) picks fused when every parameter of the group qualifies and Triton is installed, else
             foreach on CUDA, else the for-loop reference.
         compiled: use one ``torch.compile``-generated loop per tensor (:mod:`spamopt.optim.compiled`; a C++
-            compiler on the CPU, Triton on CUDA). It is the default on the CPU (when every flag is ``None``)
-            for groups of at least ``SPAM.compile_min_numel`` (10M) elements, where compiling (about 20 s,
-            cached on disk afterwards) pays for itself; ``compiled=False`` turns it off.
+            compiler on the CPU, Triton on CUDA); on the CPU a group's dense float32/float64 tensors are
+            stepped instead by one native loop over them all (:mod:`spamopt.optim.native`, the same bits).
+            It is the default on the CPU (when every flag is ``None``) for groups of at least
+            ``SPAM.compile_min_numel`` (10M) elements, where compiling (about 20 s, cached on disk
+            afterwards) pays for itself, and for dense float32/float64 groups of any size where the native
+            loop builds (``SPAMOPT_NATIVE=0`` switches it off); ``compiled=False`` turns it off.
         capturable: keep the step clock on the device and take every decision (reset, clipping in force,
             warmup multiplier, skip) there, so ``step()`` can be captured in a CUDA graph and replayed. Needs
             the fused implementation, ``density=1`` and the same value in every group; give ``lr`` as a
