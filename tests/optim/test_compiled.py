@@ -2,7 +2,9 @@
 on the stress set of every implementation (fp32, bf16, fp16; dense and sparse; resets, clipping, warmup,
 decay, a non-finite step, clip counts) and for each option; a long run across resets, warmup, clipping
 switching on and off and an LR schedule compiles a bounded number of kernels; it is the CPU default only for
-large groups, and refuses clearly where it cannot run. The same for StableSPAM's compiled step."""
+large groups, and refuses clearly where it cannot run. The same for StableSPAM's compiled step. These tests
+run the torch.compile kernels themselves (``SPAMOPT_NATIVE=0``); ``test_native.py`` holds the native loops,
+which take their place for dense float32/float64 CPU tensors, to these kernels' results."""
 
 from __future__ import annotations
 
@@ -19,6 +21,11 @@ from .stress import HYPER, assert_agrees_with_reference, run_steps, stress_param
 
 pytestmark = pytest.mark.skipif(not compiled.compiled_available("cuda" if torch.cuda.is_available() else "cpu"),
                                 reason="torch.compile needs a C++ compiler (CPU) or Triton (CUDA)")
+
+
+@pytest.fixture(autouse=True)
+def _torch_compile_kernels_only(monkeypatch):
+    monkeypatch.setenv("SPAMOPT_NATIVE", "0")
 
 
 @pytest.mark.parametrize("density", [1.0, 0.25])
@@ -75,7 +82,6 @@ def test_compiled_is_the_cpu_default_only_for_large_groups(monkeypatch):
     one, or any group given an implementation flag, does not (with the native loops off; with them on, see
     ``test_native.py``); without a compiler the default falls back to the for-loop and ``compiled=True`` raises
     an error saying what is missing."""
-    monkeypatch.setenv("SPAMOPT_NATIVE", "0")
     param = torch.nn.Parameter(torch.randn(100))
     chosen = lambda opt: opt._implementation(opt.param_groups[0], [param])  # noqa: E731
     if param.device.type == "cpu":

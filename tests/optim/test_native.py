@@ -1,7 +1,8 @@
 """The native CPU loops (:mod:`spamopt.optim.native`): SPAM's group-at-once update gives the torch.compile
 kernel's bits (the stress set and every option; large tensors split across threads; clip counts), is what
 ``compiled=True`` runs for dense float32/float64 CPU tensors (one call per group), and the finite check
-agrees with ``aminmax`` on every kind of non-finite value at every position. The build is cached and
+agrees with ``aminmax`` on every kind of non-finite value at every position. Stable-SPAM's gives the
+kernel's bits without AdaGN and agrees with the for-loop as the kernel does with it. The build is cached and
 shared between processes, and a failed build or ``SPAMOPT_NATIVE=0`` falls back to the torch.compile
 kernels, saying so."""
 
@@ -18,6 +19,7 @@ from spamopt import SPAM, StableSPAM
 from spamopt.optim import compiled, native
 
 from .stress import run_steps
+from .test_compiled import _stable_run
 
 pytestmark = [
     pytest.mark.skipif(not compiled.compiled_available("cpu"), reason="torch.compile needs a C++ compiler"),
@@ -241,9 +243,9 @@ def test_an_unwritable_cache_falls_back_to_the_temporary_directory(monkeypatch, 
 
 def test_spam_takes_the_compiled_step_by_default_where_the_native_loops_step_the_whole_group(native_off):
     """On the CPU a dense float32 or float64 group of any size defaults to the compiled step when the native
-    loops run (they cost no torch.compile time); a sparse group, a bfloat16 one, an explicit flag,
-    Stable-SPAM (whose update has no native loop) or ``SPAMOPT_NATIVE=0`` keep the for-loop below
-    ``compile_min_numel``."""
+    loops run (they cost no torch.compile time); a sparse group, a bfloat16 one, an explicit flag
+    or ``SPAMOPT_NATIVE=0`` keep the for-loop below ``compile_min_numel``; Stable-SPAM's float32 groups
+    default to it too, except with ``reference_compat``."""
     def chosen(opt):
         return {opt._implementation(g, g["params"]) for g in opt.param_groups}
 
@@ -254,6 +256,97 @@ def test_spam_takes_the_compiled_step_by_default_where_the_native_loops_step_the
     assert chosen(SPAM([torch.nn.Parameter(torch.randn(10, dtype=torch.bfloat16))])) == {"forloop"}
     assert chosen(SPAM(small, foreach=True)) == {"foreach"}
     assert chosen(SPAM(small, compiled=False)) == {"forloop"}
-    assert chosen(StableSPAM(small)) == {"forloop"}
+    assert chosen(StableSPAM(small)) == {"compiled"}
+    assert chosen(StableSPAM(small, reference_compat=True)) == {"forloop"}
     native_off(False)
     assert chosen(SPAM(small)) == {"forloop"}
+    assert chosen(StableSPAM(small)) == {"forloop"}
+
+
+def _assert_same_stable(a, b, exact: bool) -> None:
+    (params_a, opt_a), (params_b, opt_b) = a, b
+    for pa, pb in zip(params_a, params_b):
+        pairs = [(pa, pb, 1e-6)] + [(opt_a.state[pa][k], opt_b.state[pb][k], 1e-9) for k in opt_a.state[pa]]
+        for x, y, atol in pairs:  # not exact: the for-loop comparison's tolerances (parameters, states)
+            if exact:
+                assert torch.equal(x, y)
+            else:
+                torch.testing.assert_close(x, y, rtol=1e-5, atol=atol)
+
+
+@pytest.mark.parametrize("overrides", [{"adagn": False}, {"adagn": False, "adaclip": "clamp"},
+                                       {"adagn": False, "adaclip": "off"}, {"adagn": False, "skip_nonfinite": False},
+                                       {"adagn": False, "maximize": True}, {"adagn": False, "total_steps": 8,
+                                                                            "eta_min": 0.3}])
+def test_stable_spam_native_without_adagn_gives_the_torch_compile_kernels_bits(native_off, overrides):
+    """Stable-SPAM's stress set (resets, a skipped NaN step, σ schedule; max|g| read from the check or found by
+    the loop) without AdaGN: parameters, moments, AdaClip's statistic and counters bit for bit the
+    torch.compile kernel's."""
+    native_off(False)
+    reference = _stable_run({"compiled": True}, torch.float32, **overrides)
+    native_off(True)
+    _assert_same_stable(_stable_run({"compiled": True}, torch.float32, **overrides), reference, exact=True)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"adaclip": "clamp"}, {"adaclip": "off"}, {"skip_nonfinite": False},
+                                       {"maximize": True}])
+def test_stable_spam_native_with_adagn_agrees_with_the_for_loop(native_off, overrides):
+    """With AdaGN (whose norm the loop sums in float64): parameters within the compiled step's tolerance of
+    the for-loop's, states to 1e-5, counters exactly, and the torch.compile kernel's results to 1e-5 too."""
+    reference = _stable_run({"foreach": False}, torch.float32, **overrides)
+    run = _stable_run({"compiled": True}, torch.float32, **overrides)
+    for ref, got in zip(reference[0], run[0]):
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+        for key, value in reference[1].state[ref].items():
+            if key in ("step", "stat_step", "global_step", "skipped_steps"):
+                assert torch.equal(run[1].state[got][key], value), key
+            else:
+                torch.testing.assert_close(run[1].state[got][key], value, rtol=1e-5, atol=1e-9)
+    native_off(False)
+    _assert_same_stable(run, _stable_run({"compiled": True}, torch.float32, **overrides), exact=False)
+
+
+def _run_large_stable(threads: int, **options) -> tuple[list[torch.Tensor], StableSPAM]:
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        params = _large(torch.float32)
+        opt = StableSPAM(params, compiled=True, lr=1e-2, **options)
+        gen = torch.Generator().manual_seed(1)
+        for step in range(4):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=gen)
+                if step == 2:
+                    p.grad[:: max(1, p.numel() // 7)] *= 1e3
+            opt.step()
+        return params, opt
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("adagn", [False, True])
+def test_stable_spam_tensors_split_across_threads(native_off, adagn):
+    """Tensors from 1 to 3·2^16 + 5 elements on two threads and on one: without AdaGN the torch.compile
+    kernel's bits on both; with it (per-thread partial sums of squares) within 1e-5 of the kernel's."""
+    native_off(False)
+    reference = _run_large_stable(2, adagn=adagn)
+    native_off(True)
+    for threads in (2, 1):
+        _assert_same_stable(_run_large_stable(threads, adagn=adagn), reference, exact=not adagn)
+
+
+def test_stable_spam_compiled_steps_a_group_in_one_native_call(monkeypatch):
+    """``StableSPAM(compiled=True)`` sends a group's float32 tensors to the native loop in one call and its
+    bfloat16 ones to the torch.compile kernel."""
+    calls, kernel_calls = [], []
+    update, kernel = native.stable_spam_update, compiled.stable_spam_kernel
+    monkeypatch.setattr(native, "stable_spam_update", lambda params, *a, **k: calls.append(len(params)) or update(
+        params, *a, **k))
+    monkeypatch.setattr(compiled, "stable_spam_kernel", lambda *a, **k: kernel_calls.append(a) or kernel(*a, **k))
+    params = [torch.nn.Parameter(torch.randn(8, 8)) for _ in range(4)]
+    params.append(torch.nn.Parameter(torch.randn(8, dtype=torch.bfloat16)))
+    opt = StableSPAM(params, compiled=True)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    assert calls == [4] and len(kernel_calls) == 1

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "spam_update", "finite_peaks", "SUPPORTED_DTYPES"]
+__all__ = ["available", "spam_update", "stable_spam_update", "finite_peaks", "SUPPORTED_DTYPES"]
 
 SOURCE = Path(__file__).with_name("native_loops.c")
 SUPPORTED_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -123,6 +123,9 @@ def library() -> ctypes.CDLL | None:
             continue
         pointer, count = ctypes.c_void_p, ctypes.c_int64
         for suffix in SUPPORTED_DTYPES.values():
+            stable = getattr(lib, f"stable_spam_update_{suffix}")
+            stable.argtypes = [count] + [pointer] * 10 + [ctypes.c_int] * 4 + [count]
+            stable.restype = None
             update = getattr(lib, f"spam_update_{suffix}")
             update.argtypes = [count] + [pointer] * 8 + [ctypes.c_int, count]
             update.restype = None
@@ -170,6 +173,29 @@ def spam_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor
         len(params), *(h.data_ptr() for h in held), numels.data_ptr(), steps.data_ptr(), values.data_ptr(),
         None if counts is None else counts.data_ptr(), torch.get_num_threads(), PARALLEL_MIN_NUMEL)
     return counts
+
+
+ADACLIP_MODES = {"off": 0, "scale": 1, "clamp": 2}
+
+
+def stable_spam_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                       statistics: list[dict[str, Tensor]], scalars: Tensor, corrections: Tensor, *, adaclip: str,
+                       adagn: bool, peak_given: bool) -> None:
+    """Stable-SPAM's step in place on every ``(param, grad, exp_avg, exp_avg_sq)`` (each :func:`eligible`, all of
+    one dtype) and on each one's float64 statistics ``max_ema``, ``norm_ema``, ``norm_sq_ema``, in one call:
+    :func:`spamopt.optim.compiled._stable_update` states the math, ``scalars`` (ten float64 values) and
+    ``corrections`` (one row of six float64 per tensor) are its arguments. AdaGN's sum of squares is taken in
+    float64, so with AdaGN on the result agrees with the torch.compile kernel's to rounding, not bit for bit."""
+    lib = library()
+    assert lib is not None, "stable_spam_update needs available()"
+    numels = torch.tensor([p.numel() for p in params], dtype=torch.int64)
+    held = [_pointers(params), _pointers(grads), _pointers(exp_avgs), _pointers(exp_avg_sqs)]
+    held += [_pointers([s[key] for s in statistics]) for key in ("max_ema", "norm_ema", "norm_sq_ema")]
+    values = scalars.to(torch.float64).contiguous()
+    rows = corrections.to(torch.float64).contiguous()
+    getattr(lib, f"stable_spam_update_{SUPPORTED_DTYPES[params[0].dtype]}")(
+        len(params), *(h.data_ptr() for h in held), numels.data_ptr(), values.data_ptr(), rows.data_ptr(),
+        ADACLIP_MODES[adaclip], int(adagn), int(peak_given), torch.get_num_threads(), PARALLEL_MIN_NUMEL)
 
 
 def finite_peaks(grads: list[Tensor]) -> tuple[Tensor, Tensor]:

@@ -5,6 +5,10 @@
  * the torch.compile kernel (spamopt/optim/compiled.py, _update), so the results are bit for bit the same;
  * built without floating-point contraction (no fused multiply-add) and with IEEE square roots and divisions.
  * finite_peaks_*: each tensor's max|g| (NaN for a tensor holding NaN or +-Inf) and whether all are finite.
+ * stable_spam_update_*: Stable-SPAM's per-tensor step (spamopt/optim/compiled.py, _stable_update, states
+ * the math) for a whole group: the torch.compile kernel's operations, except that AdaGN's sum of squares is
+ * accumulated in float64 (the kernel's float32 sum runs in an order of its own), so results agree to
+ * rounding where AdaGN is on and bit for bit where it is off.
  *
  * One OpenMP region per call: a tensor of at least parallel_min elements is split into one contiguous share
  * per thread, a smaller one goes whole to one thread (in turn), and no thread waits for another between
@@ -138,3 +142,151 @@ static void thread_share(int64_t n, int64_t parallel_min, int64_t *small_seen, i
 
 DEFINE_LOOPS(float, f32, sqrtf, fabsf, FLT_MAX)
 DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
+
+/* sign(x) as torch.sign: -1, 0 or 1. */
+#define SIGN(T, x) ((x) > (T)0 ? (T)1 : ((x) < (T)0 ? (T)-1 : (T)0))
+
+/* AdaClip applied to one (scaled) gradient value: mode 0 off, 1 scale (x·bound/mu above bound), 2 clamp. */
+#define ADACLIP(T, mode, x, bound, over) \
+    ((mode) == 0 ? (x) : (FABS_##T(x) > (bound) ? ((mode) == 1 ? (x) * (over) : SIGN(T, x) * (bound)) : (x)))
+#define FABS_float fabsf
+#define FABS_double fabs
+
+/* An exact power of two s with peak·s in [0.5, 1); 1 for a zero or non-finite peak (stabilize.norm_scale). */
+#define DEFINE_STABLE(T, SUFFIX, SQRT, FABS, MAXVAL, FREXP, LDEXP)                                              \
+    static T norm_scale_##SUFFIX(T peak) {                                                                     \
+        int exponent = 0;                                                                                      \
+        const T mantissa = FREXP(peak, &exponent);                                                             \
+        return (mantissa != (T)0 && isfinite(peak)) ? LDEXP((T)1, -exponent) : (T)1;                           \
+    }                                                                                                          \
+                                                                                                               \
+    /* scalars (float64): keep, factor, decay, gamma1, gamma2, gamma3, beta1, beta2, eps, lr; corrections:     \
+     * six float64 per tensor (1 - gamma1^n, 1 - gamma2^n, 1 - gamma3^n, 1 - beta1^k, sqrt(1 - beta2^k),       \
+     * max|g| when peak_given); stats: three float64 per tensor (M, a, b), read and written. */                 \
+    void stable_spam_update_##SUFFIX(int64_t count, T *const *params, const T *const *grads,                   \
+                                     T *const *exp_avgs, T *const *exp_avg_sqs, double *const *max_emas,       \
+                                     double *const *norm_emas, double *const *norm_sq_emas,                    \
+                                     const int64_t *numels, const double *scalars, const double *corrections,  \
+                                     int adaclip, int adagn, int peak_given, int threads,                      \
+                                     int64_t parallel_min) {                                                   \
+        const double keep = scalars[0], factor = scalars[1], decay = scalars[2], gamma1 = scalars[3];          \
+        const double gamma2 = scalars[4], gamma3 = scalars[5], beta1 = scalars[6], beta2 = scalars[7];         \
+        const double eps = scalars[8], lr = scalars[9];                                                        \
+        const int use = keep > 0;                                                                              \
+        const T factor_t = (T)factor, decay_t = (T)decay, eps_t = (T)eps;                                      \
+        const T m_keep = (T)(1.0 - (1.0 - beta1) * keep), omb1 = (T)(1.0 - beta1);                             \
+        const T v_keep = (T)(1.0 - (1.0 - beta2) * keep), omb2 = (T)(1.0 - beta2);                             \
+        const int nth = threads > 0 ? threads : 1;                                                             \
+        /* per tensor: mu, bound, bound / mu, the norm's scale, the AdaGN ratio; per thread and tensor:        \
+         * partial maxima and sums of squares */                                                               \
+        T *per = (T *)calloc((size_t)(5 * count), sizeof(T));                                                  \
+        T *part_max = (T *)calloc((size_t)(nth * count), sizeof(T));                                           \
+        double *part_sq = (double *)calloc((size_t)(nth * count), sizeof(double));                             \
+        if (!per || !part_max || !part_sq) {                                                                   \
+            free(per); free(part_max); free(part_sq);                                                          \
+            return;                                                                                            \
+        }                                                                                                      \
+        T *mu = per, *bound = per + count, *over = per + 2 * count, *scale = per + 3 * count;                  \
+        T *ratio = per + 4 * count;                                                                            \
+        _Pragma("omp parallel num_threads(nth)") {                                                             \
+            const int tid = omp_get_thread_num(), used = omp_get_num_threads();                                \
+            int64_t small_seen = 0, lo, hi;                                                                    \
+            if (!peak_given) {                                                                                 \
+                for (int64_t t = 0; t < count; ++t) {                                                          \
+                    thread_share(numels[t], parallel_min, &small_seen, tid, used, &lo, &hi);                   \
+                    const T *restrict g = grads[t];                                                            \
+                    T best = 0;                                                                                \
+                    _Pragma("omp simd reduction(max:best)")                                                    \
+                    for (int64_t i = lo; i < hi; ++i) {                                                        \
+                        const T x = (g[i] >= -MAXVAL && g[i] <= MAXVAL) ? g[i] : (T)0;                         \
+                        const T a = FABS(x);                                                                   \
+                        best = a > best ? a : best;                                                            \
+                    }                                                                                          \
+                    part_max[tid * count + t] = best;                                                          \
+                }                                                                                              \
+                _Pragma("omp barrier")                                                                         \
+            }                                                                                                  \
+            _Pragma("omp single") {                                                                            \
+                for (int64_t t = 0; t < count; ++t) {                                                          \
+                    const double *row = corrections + 6 * t;                                                   \
+                    T largest = 0;                                                                             \
+                    if (peak_given) {                                                                          \
+                        largest = (T)(use ? row[5] : 0.0);                                                     \
+                    } else {                                                                                   \
+                        for (int k = 0; k < nth; ++k)                                                          \
+                            largest = part_max[k * count + t] > largest ? part_max[k * count + t] : largest;   \
+                    }                                                                                          \
+                    mu[t] = largest * (T)(fabs(factor) * keep);                                                \
+                    bound[t] = mu[t];                                                                          \
+                    if (adaclip) {                                                                             \
+                        const double m_max = *max_emas[t] * (1.0 - (1.0 - gamma3) * keep)                      \
+                                             + (1.0 - gamma3) * keep * (double)mu[t];                          \
+                        bound[t] = (T)(m_max / row[2]);                                                        \
+                        *max_emas[t] = m_max;                                                                  \
+                    }                                                                                          \
+                    over[t] = bound[t] / mu[t];                                                                \
+                    scale[t] = norm_scale_##SUFFIX(mu[t]);                                                     \
+                    ratio[t] = (T)1;                                                                           \
+                }                                                                                              \
+            }                                                                                                  \
+            if (adagn) {                                                                                       \
+                small_seen = 0;                                                                                \
+                for (int64_t t = 0; t < count; ++t) {                                                          \
+                    thread_share(numels[t], parallel_min, &small_seen, tid, used, &lo, &hi);                   \
+                    const T *restrict g = grads[t];                                                            \
+                    const T b = bound[t], o = over[t], s = scale[t];                                           \
+                    double sum = 0;                                                                            \
+                    _Pragma("omp simd reduction(+:sum)")                                                       \
+                    for (int64_t i = lo; i < hi; ++i) {                                                        \
+                        T x = (g[i] < (T)INFINITY && g[i] > -(T)INFINITY && use) ? g[i] : (T)0;                \
+                        x = x * factor_t;                                                                      \
+                        const T y = ADACLIP(T, adaclip, x, b, o) * s;                                          \
+                        sum += (double)y * (double)y;                                                          \
+                    }                                                                                          \
+                    part_sq[tid * count + t] = sum;                                                            \
+                }                                                                                              \
+                _Pragma("omp barrier")                                                                         \
+                _Pragma("omp single") {                                                                        \
+                    for (int64_t t = 0; t < count; ++t) {                                                      \
+                        const double *row = corrections + 6 * t;                                               \
+                        double sum = 0;                                                                        \
+                        for (int k = 0; k < nth; ++k) sum += part_sq[k * count + t];                           \
+                        const double r = sqrt(sum) / (double)scale[t];                                         \
+                        const double a = *norm_emas[t] * (1.0 - (1.0 - gamma1) * keep)                         \
+                                         + (1.0 - gamma1) * keep * r;                                          \
+                        const double b = *norm_sq_emas[t] * (1.0 - (1.0 - gamma2) * keep)                      \
+                                         + (1.0 - gamma2) * keep * (r * r);                                    \
+                        const double target = a / row[0] / (sqrt(b / row[1]) + eps);                           \
+                        ratio[t] = (T)(r > 0 ? target / r : 1.0);                                              \
+                        *norm_emas[t] = a;                                                                     \
+                        *norm_sq_emas[t] = b;                                                                  \
+                    }                                                                                          \
+                }                                                                                              \
+            }                                                                                                  \
+            small_seen = 0;                                                                                    \
+            for (int64_t t = 0; t < count; ++t) {                                                              \
+                thread_share(numels[t], parallel_min, &small_seen, tid, used, &lo, &hi);                       \
+                if (lo >= hi) continue;                                                                        \
+                const double *row = corrections + 6 * t;                                                       \
+                T *restrict p = params[t], *restrict m = exp_avgs[t], *restrict v = exp_avg_sqs[t];            \
+                const T *restrict g = grads[t];                                                                \
+                const T b = bound[t], o = over[t], q = ratio[t];                                               \
+                const T step = (T)(-lr * keep / row[3]), sqrt_bias2 = (T)row[4];                               \
+                _Pragma("omp simd")                                                                            \
+                for (int64_t i = lo; i < hi; ++i) {                                                            \
+                    T x = (FABS(g[i]) < (T)INFINITY && use) ? g[i] : (T)0;                                     \
+                    x = ADACLIP(T, adaclip, x * factor_t, b, o);                                               \
+                    if (adagn) x = x * q;                                                                      \
+                    const T mi = m[i] * m_keep + omb1 * x;                                                     \
+                    const T vn = v[i] * v_keep + (omb2 * x) * x;                                               \
+                    p[i] = p[i] * decay_t + (mi * step) / (SQRT(vn) / sqrt_bias2 + eps_t);                     \
+                    m[i] = mi;                                                                                 \
+                    v[i] = vn;                                                                                 \
+                }                                                                                              \
+            }                                                                                                  \
+        }                                                                                                      \
+        free(per); free(part_max); free(part_sq);                                                              \
+    }
+
+DEFINE_STABLE(float, f32, sqrtf, fabsf, FLT_MAX, frexpf, ldexpf)
+DEFINE_STABLE(double, f64, sqrt, fabs, DBL_MAX, frexp, ldexp)

@@ -165,6 +165,29 @@ def _multi_tensor_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avg
                 p.copy_(f)
 
 
+def _native_stable_spam(reals: list[Tensor], grads: list[Tensor], ms: list[Tensor], vs: list[Tensor],
+                        statistics: list[dict[str, Tensor]], index: list[int], scalars: Tensor, table: Tensor,
+                        h: StableStep, peak_given: bool) -> set[int]:
+    """Step the CPU tensors of ``index`` (positions into ``ms``, ``vs`` and the rows of ``table``) that the
+    native loop takes, one call per dtype (:mod:`.native`); returns their positions."""
+    from . import native
+
+    if reals[index[0]].device.type != "cpu" or not native.available():
+        return set()
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for position, i in enumerate(index):
+        stats = [statistics[i][key] for key in ("max_ema", "norm_ema", "norm_sq_ema")]
+        if native.eligible(reals[i], real_view(grads[i]), ms[position], vs[position]) and all(
+                s.dtype == torch.float64 and s.numel() == 1 for s in stats):
+            by_dtype.setdefault(ms[position].dtype, []).append(position)
+    for positions in by_dtype.values():
+        native.stable_spam_update([reals[index[k]].detach() for k in positions],
+                                  [real_view(grads[index[k]]) for k in positions], [ms[k] for k in positions],
+                                  [vs[k] for k in positions], [statistics[index[k]] for k in positions], scalars,
+                                  table[positions], adaclip=h.adaclip, adagn=h.adagn, peak_given=peak_given)
+    return {k for positions in by_dtype.values() for k in positions}
+
+
 def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
                           exp_avg_sqs: list[Tensor], steps: list[Tensor], statistics: list[dict[str, Tensor]],
                           h: StableStep, *, keep: Tensor | None, grad_scale: Tensor | None,
@@ -203,10 +226,12 @@ def _compiled_stable_spam(params: list[Tensor], grads: list[Tensor], exp_avgs: l
         given = keep is not None and peaks is not None and all(peaks[i] is not None for i in index)
         peak = (torch.stack([peaks[i] for i in index]).double() if given  # type: ignore[misc]
                 else torch.full((len(index),), float("nan"), dtype=torch.float64, device=device))
-        corrections = torch.stack([debias_correction(h.gamma1, n), debias_correction(h.gamma2, n),
-                                   debias_correction(h.gamma3, n), *_bias_corrections(k, h), peak],
-                                  dim=1).unbind(0)
-        for i, m, v, row in zip(index, ms, vs, corrections):
+        table = torch.stack([debias_correction(h.gamma1, n), debias_correction(h.gamma2, n),
+                             debias_correction(h.gamma3, n), *_bias_corrections(k, h), peak], dim=1)
+        done = _native_stable_spam(reals, grads, ms, vs, statistics, index, scalars, table, h, given)
+        for position, (i, m, v, row) in enumerate(zip(index, ms, vs, table.unbind(0))):
+            if position in done:
+                continue
             param, stats = reals[i].detach(), statistics[i]
             work, flat_m, flat_v = compiled.flat_view(param), compiled.flat_view(m), compiled.flat_view(v)
             # The 0-dim statistics go in as 1-element tensors: torch.compile drops in-place writes to 0-dim

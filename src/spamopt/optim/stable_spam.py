@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from . import schedule
-from .base import (GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, local, moment_dtype, scalar_dtype,
-                   scalar_lr, validate_common)
+from .base import (GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, local, moment_dtype, real_view,
+                   scalar_dtype, scalar_lr, validate_common)
 from .stabilize import new_statistics, shard_group, validate_stabilizer
 from .stable_functional import COMPAT_NOT_COMPILED, StableStep, momentum_multiplier, stable_spam
 
@@ -89,8 +89,10 @@ class StableSPAM(SpikeAwareOptimizer):
         fp32_moments: as in :class:`spamopt.SPAM`; the statistics stay fp32 (float64 scalars) either way.
         compiled: the whole per-tensor step (AdaClip's and AdaGN's reductions included) as one
             ``torch.compile`` function, as :class:`spamopt.SPAM`'s ``compiled``: the default on the CPU with a
-            C++ compiler for groups of at least ``compile_min_numel`` (10M) elements; not with
-            ``reference_compat``.
+            C++ compiler for groups of at least ``compile_min_numel`` (10M) elements, and for float32/float64
+            groups of any size where the native loop builds (:mod:`spamopt.optim.native`, one call per
+            group; with AdaGN its norm's sum of squares is taken in float64, so it agrees with the
+            torch.compile kernel to rounding); not with ``reference_compat``.
 
     State per parameter (tensors): ``step`` (Adam count k; the one counter in compat), ``stat_step`` (n),
     ``max_ema`` (M), ``norm_ema`` (a), ``norm_sq_ema`` (b), ``exp_avg``, ``exp_avg_sq``, ``global_step`` (the
@@ -101,6 +103,14 @@ class StableSPAM(SpikeAwareOptimizer):
 
     def _fusable(self, param: Tensor) -> bool:
         return False  # no fused kernel yet
+
+    def _natively_stepped(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """Float32 or float64 parameters on the CPU: the native loop steps the whole group (and its non-finite
+        check), so the compiled step costs no compile time at any size."""
+        from . import native
+
+        return not group["reference_compat"] and native.available() and all(
+            real_view(local(p).detach()).dtype in native.SUPPORTED_DTYPES for p in params)
 
     def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
         if group["reference_compat"] and group["compiled"] is None:
