@@ -160,6 +160,38 @@ DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
         return (mantissa != (T)0 && isfinite(peak)) ? LDEXP((T)1, -exponent) : (T)1;                           \
     }                                                                                                          \
                                                                                                                \
+    /* AdaGN's sum of squares over [lo, hi): inlined once per AdaClip mode, so the loop has no branch. */      \
+    static inline __attribute__((always_inline)) double stable_squares_##SUFFIX(                               \
+        const T *restrict g, int64_t lo, int64_t hi, int use, T factor, T b, T o, T s, const int mode) {       \
+        double sum = 0;                                                                                        \
+        _Pragma("omp simd reduction(+:sum)")                                                                   \
+        for (int64_t i = lo; i < hi; ++i) {                                                                    \
+            T x = ((g[i] < (T)INFINITY) & (g[i] > -(T)INFINITY) & use) ? g[i] : (T)0;                            \
+            x = x * factor;                                                                                    \
+            const T y = ADACLIP(T, mode, x, b, o) * s;                                                         \
+            sum += (double)y * (double)y;                                                                      \
+        }                                                                                                      \
+        return sum;                                                                                            \
+    }                                                                                                          \
+                                                                                                               \
+    /* The update over [lo, hi): inlined once per AdaClip mode and AdaGN choice. */                            \
+    static inline __attribute__((always_inline)) void stable_apply_##SUFFIX(                                   \
+        T *restrict p, const T *restrict g, T *restrict m, T *restrict v, int64_t lo, int64_t hi, int use,     \
+        T factor, T b, T o, T q, T m_keep, T omb1, T v_keep, T omb2, T step, T sqrt_bias2, T eps, T decay,     \
+        const int mode, const int adagn) {                                                                     \
+        _Pragma("omp simd")                                                                                    \
+        for (int64_t i = lo; i < hi; ++i) {                                                                    \
+            T x = ((FABS(g[i]) < (T)INFINITY) & use) ? g[i] : (T)0;                                             \
+            x = ADACLIP(T, mode, x * factor, b, o);                                                            \
+            if (adagn) x = x * q;                                                                              \
+            const T mi = m[i] * m_keep + omb1 * x;                                                             \
+            const T vn = v[i] * v_keep + (omb2 * x) * x;                                                       \
+            p[i] = p[i] * decay + (mi * step) / (SQRT(vn) / sqrt_bias2 + eps);                                 \
+            m[i] = mi;                                                                                         \
+            v[i] = vn;                                                                                         \
+        }                                                                                                      \
+    }                                                                                                          \
+                                                                                                               \
     /* scalars (float64): keep, factor, decay, gamma1, gamma2, gamma3, beta1, beta2, eps, lr; corrections:     \
      * six float64 per tensor (1 - gamma1^n, 1 - gamma2^n, 1 - gamma3^n, 1 - beta1^k, sqrt(1 - beta2^k),       \
      * max|g| when peak_given); stats: three float64 per tensor (M, a, b), read and written. */                 \
@@ -198,7 +230,7 @@ DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
                     T best = 0;                                                                                \
                     _Pragma("omp simd reduction(max:best)")                                                    \
                     for (int64_t i = lo; i < hi; ++i) {                                                        \
-                        const T x = (g[i] >= -MAXVAL && g[i] <= MAXVAL) ? g[i] : (T)0;                         \
+                        const T x = ((g[i] >= -MAXVAL) & (g[i] <= MAXVAL)) ? g[i] : (T)0;                         \
                         const T a = FABS(x);                                                                   \
                         best = a > best ? a : best;                                                            \
                     }                                                                                          \
@@ -235,15 +267,10 @@ DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
                     thread_share(numels[t], parallel_min, &small_seen, tid, used, &lo, &hi);                   \
                     const T *restrict g = grads[t];                                                            \
                     const T b = bound[t], o = over[t], s = scale[t];                                           \
-                    double sum = 0;                                                                            \
-                    _Pragma("omp simd reduction(+:sum)")                                                       \
-                    for (int64_t i = lo; i < hi; ++i) {                                                        \
-                        T x = (g[i] < (T)INFINITY && g[i] > -(T)INFINITY && use) ? g[i] : (T)0;                \
-                        x = x * factor_t;                                                                      \
-                        const T y = ADACLIP(T, adaclip, x, b, o) * s;                                          \
-                        sum += (double)y * (double)y;                                                          \
-                    }                                                                                          \
-                    part_sq[tid * count + t] = sum;                                                            \
+                    part_sq[tid * count + t] =                                                                 \
+                        adaclip == 0 ? stable_squares_##SUFFIX(g, lo, hi, use, factor_t, b, o, s, 0)           \
+                        : adaclip == 1 ? stable_squares_##SUFFIX(g, lo, hi, use, factor_t, b, o, s, 1)         \
+                                       : stable_squares_##SUFFIX(g, lo, hi, use, factor_t, b, o, s, 2);        \
                 }                                                                                              \
                 _Pragma("omp barrier")                                                                         \
                 _Pragma("omp single") {                                                                        \
@@ -272,21 +299,25 @@ DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
                 const T *restrict g = grads[t];                                                                \
                 const T b = bound[t], o = over[t], q = ratio[t];                                               \
                 const T step = (T)(-lr * keep / row[3]), sqrt_bias2 = (T)row[4];                               \
-                _Pragma("omp simd")                                                                            \
-                for (int64_t i = lo; i < hi; ++i) {                                                            \
-                    T x = (FABS(g[i]) < (T)INFINITY && use) ? g[i] : (T)0;                                     \
-                    x = ADACLIP(T, adaclip, x * factor_t, b, o);                                               \
-                    if (adagn) x = x * q;                                                                      \
-                    const T mi = m[i] * m_keep + omb1 * x;                                                     \
-                    const T vn = v[i] * v_keep + (omb2 * x) * x;                                               \
-                    p[i] = p[i] * decay_t + (mi * step) / (SQRT(vn) / sqrt_bias2 + eps_t);                     \
-                    m[i] = mi;                                                                                 \
-                    v[i] = vn;                                                                                 \
+                /* one loop specialised for each AdaClip mode and AdaGN choice */                              \
+                switch (2 * adaclip + (adagn != 0)) {                                                          \
+                    case 0: APPLY_##SUFFIX(0, 0); break;                                                       \
+                    case 1: APPLY_##SUFFIX(0, 1); break;                                                       \
+                    case 2: APPLY_##SUFFIX(1, 0); break;                                                       \
+                    case 3: APPLY_##SUFFIX(1, 1); break;                                                       \
+                    case 4: APPLY_##SUFFIX(2, 0); break;                                                       \
+                    default: APPLY_##SUFFIX(2, 1); break;                                                      \
                 }                                                                                              \
             }                                                                                                  \
         }                                                                                                      \
         free(per); free(part_max); free(part_sq);                                                              \
     }
+
+#define APPLY_CALL(SUFFIX, mode, adagn)                                                                        \
+    stable_apply_##SUFFIX(p, g, m, v, lo, hi, use, factor_t, b, o, q, m_keep, omb1, v_keep, omb2, step,        \
+                          sqrt_bias2, eps_t, decay_t, mode, adagn)
+#define APPLY_f32(mode, adagn) APPLY_CALL(f32, mode, adagn)
+#define APPLY_f64(mode, adagn) APPLY_CALL(f64, mode, adagn)
 
 DEFINE_STABLE(float, f32, sqrtf, fabsf, FLT_MAX, frexpf, ldexpf)
 DEFINE_STABLE(double, f64, sqrt, fabs, DBL_MAX, frexp, ldexp)
