@@ -1,12 +1,14 @@
 """CPU loops over a whole group of tensors in one call: ``native_loops.c``, built with the system's C compiler
 (``$CC``, else ``cc``, ``gcc`` or ``clang``) on first use, cached on disk, called through ``ctypes``.
 
-Two loops live there. SPAM's dense update takes every float32 (or float64) tensor of a group at once, where
-the ``torch.compile`` kernel (:mod:`.compiled`) is one call per tensor, about 75 µs of Python, guards and
-wrappers each; the loop does the same operations in the same order and precision (no fused multiply-add,
-IEEE square roots and divisions), so the two give the same bits, and ``compiled=True`` uses it wherever it
-applies. The non-finite check finds every tensor's max|g| in one multi-threaded pass instead of one
-``aminmax`` per tensor.
+Three loops live there. SPAM's dense update takes every float32 (or float64) tensor of a group at once,
+where the ``torch.compile`` kernel (:mod:`.compiled`) is one call per tensor, about 75 µs of Python, guards
+and wrappers each; the loop does the same operations in the same order and precision (no fused
+multiply-add, IEEE square roots and divisions), so the two give the same bits, and ``compiled=True`` uses
+it wherever it applies. Stable-SPAM's step likewise, except that AdaGN's sum of squares is taken in float64
+(the kernel's float32 sum has an order of its own), so with AdaGN the results agree to rounding. The
+non-finite check finds every tensor's max|g| in one multi-threaded pass instead of one ``aminmax`` per
+tensor.
 
 The library is built once per source, compiler, flags and CPU (``-march=native``) into
 ``$SPAMOPT_CACHE_DIR`` (default ``$XDG_CACHE_HOME/spamopt``, else ``~/.cache/spamopt``, else a folder in the
