@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-__all__ = ["available", "spam_update", "stable_spam_update", "finite_peaks", "SUPPORTED_DTYPES"]
+__all__ = ["available", "eligible", "spam_update", "stable_spam_update", "finite_peaks", "SUPPORTED_DTYPES"]
 
 SOURCE = Path(__file__).with_name("native_loops.c")
 SUPPORTED_DTYPES = {torch.float32: "f32", torch.float64: "f64"}
@@ -127,7 +127,7 @@ def library() -> ctypes.CDLL | None:
         for suffix in SUPPORTED_DTYPES.values():
             stable = getattr(lib, f"stable_spam_update_{suffix}")
             stable.argtypes = [count] + [pointer] * 10 + [ctypes.c_int] * 4 + [count]
-            stable.restype = None
+            stable.restype = ctypes.c_int
             update = getattr(lib, f"spam_update_{suffix}")
             update.argtypes = [count] + [pointer] * 8 + [ctypes.c_int, count]
             update.restype = None
@@ -195,9 +195,11 @@ def stable_spam_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list
     held += [_pointers([s[key] for s in statistics]) for key in ("max_ema", "norm_ema", "norm_sq_ema")]
     values = scalars.to(torch.float64).contiguous()
     rows = corrections.to(torch.float64).contiguous()
-    getattr(lib, f"stable_spam_update_{SUPPORTED_DTYPES[params[0].dtype]}")(
+    status = getattr(lib, f"stable_spam_update_{SUPPORTED_DTYPES[params[0].dtype]}")(
         len(params), *(h.data_ptr() for h in held), numels.data_ptr(), values.data_ptr(), rows.data_ptr(),
         ADACLIP_MODES[adaclip], int(adagn), int(peak_given), torch.get_num_threads(), PARALLEL_MIN_NUMEL)
+    if status != 0:
+        raise MemoryError("spamopt's native Stable-SPAM step could not allocate its per-tensor scratch")
 
 
 def finite_peaks(grads: list[Tensor]) -> tuple[Tensor, Tensor]:

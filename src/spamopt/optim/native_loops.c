@@ -194,8 +194,9 @@ DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
                                                                                                                \
     /* scalars (float64): keep, factor, decay, gamma1, gamma2, gamma3, beta1, beta2, eps, lr; corrections:     \
      * six float64 per tensor (1 - gamma1^n, 1 - gamma2^n, 1 - gamma3^n, 1 - beta1^k, sqrt(1 - beta2^k),       \
-     * max|g| when peak_given); stats: three float64 per tensor (M, a, b), read and written. */                 \
-    void stable_spam_update_##SUFFIX(int64_t count, T *const *params, const T *const *grads,                   \
+     * max|g| when peak_given); stats: three float64 per tensor (M, a, b), read and written. Returns -1,      \
+     * having changed nothing, when its per-tensor scratch cannot be allocated. */                             \
+    int stable_spam_update_##SUFFIX(int64_t count, T *const *params, const T *const *grads,                   \
                                      T *const *exp_avgs, T *const *exp_avg_sqs, double *const *max_emas,       \
                                      double *const *norm_emas, double *const *norm_sq_emas,                    \
                                      const int64_t *numels, const double *scalars, const double *corrections,  \
@@ -216,7 +217,7 @@ DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
         double *part_sq = (double *)calloc((size_t)(nth * count), sizeof(double));                             \
         if (!per || !part_max || !part_sq) {                                                                   \
             free(per); free(part_max); free(part_sq);                                                          \
-            return;                                                                                            \
+            return -1;                                                                                         \
         }                                                                                                      \
         T *mu = per, *bound = per + count, *over = per + 2 * count, *scale = per + 3 * count;                  \
         T *ratio = per + 4 * count;                                                                            \
@@ -311,6 +312,7 @@ DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
             }                                                                                                  \
         }                                                                                                      \
         free(per); free(part_max); free(part_sq);                                                              \
+        return 0;                                                                                              \
     }
 
 #define APPLY_CALL(SUFFIX, mode, adagn)                                                                        \
