@@ -135,8 +135,9 @@ def library() -> ctypes.CDLL | None:
             peaks.argtypes = [count, pointer, pointer, pointer, ctypes.c_int, count]
             peaks.restype = ctypes.c_int
         return lib
-    warnings.warn(f"spamopt: could not build its native CPU loops with {compiler} (the torch.compile kernels "
-                  f"and aminmax are used instead): {complaint}", RuntimeWarning, stacklevel=2)
+    warnings.warn(f"spamopt: could not build its native CPU loops with {compiler}, so SPAM and Stable-SPAM step "
+                  f"on their other implementations (set SPAMOPT_NATIVE=0 to skip the attempt): {complaint}",
+                  RuntimeWarning, stacklevel=2)
     return None
 
 
