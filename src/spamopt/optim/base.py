@@ -486,10 +486,17 @@ class SpikeAwareOptimizer(Optimizer):
 
         return (param.is_floating_point() or param.is_complex()) and compiled_available(local(param).device.type)
 
-    def _natively_stepped(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        """The compiled step would run this whole group on :mod:`.native` loops, which take no torch.compile
-        time, so it is the CPU default at any size (no optimizer here does, unless it says so)."""
+    def _has_native_step(self, group: dict[str, Any]) -> bool:
+        """The native loops (:mod:`.native`) implement this group's step (none here; subclasses say where)."""
         return False
+
+    def _natively_stepped(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """The compiled step would run this whole group (float32/float64 parameters) on the native loops, which
+        take no torch.compile time, so it is the CPU default at any size."""
+        from . import native
+
+        return self._has_native_step(group) and native.available() and all(
+            real_view(local(p).detach()).dtype in native.SUPPORTED_DTYPES for p in params)
 
     def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
         """``"fused"``, ``"compiled"``, ``"foreach"`` or ``"forloop"`` for this group's parameters.

@@ -265,13 +265,9 @@ class SPAM(SpikeAwareOptimizer):
         boundary need not respect: sparse matrices split across ranks take the foreach step instead."""
         return super()._fusable(param) and self._sharded_sparse(param) is None
 
-    def _natively_stepped(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        """A dense group of float32 or float64 parameters on the CPU: the native loop steps all of it (and its
-        non-finite check), so the compiled step costs no compile time at any size."""
-        from . import native
-
-        return group["density"] == 1.0 and native.available() and all(
-            real_view(local(p).detach()).dtype in native.SUPPORTED_DTYPES for p in params)
+    def _has_native_step(self, group: dict[str, Any]) -> bool:
+        """Dense groups: the native loop has no sparse path."""
+        return group["density"] == 1.0
 
     def _step_mask_bits(self, param: Tensor, state: dict[str, Any]) -> Tensor | None:
         """The packed mask of the coordinates this process steps (its rows' part of the mask under FSDP2)."""

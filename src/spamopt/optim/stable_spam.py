@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from . import schedule
-from .base import (GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, local, moment_dtype, real_view,
-                   scalar_dtype, scalar_lr, validate_common)
+from .base import (GroupBatch, SpikeAwareOptimizer, check_flag, check_integer, local, moment_dtype, scalar_dtype,
+                   scalar_lr, validate_common)
 from .stabilize import new_statistics, shard_group, validate_stabilizer
 from .stable_functional import COMPAT_NOT_COMPILED, StableStep, momentum_multiplier, stable_spam
 
@@ -104,13 +104,9 @@ class StableSPAM(SpikeAwareOptimizer):
     def _fusable(self, param: Tensor) -> bool:
         return False  # no fused kernel yet
 
-    def _natively_stepped(self, group: dict[str, Any], params: list[Tensor]) -> bool:
-        """Float32 or float64 parameters on the CPU: the native loop steps the whole group (and its non-finite
-        check), so the compiled step costs no compile time at any size."""
-        from . import native
-
-        return not group["reference_compat"] and native.available() and all(
-            real_view(local(p).detach()).dtype in native.SUPPORTED_DTYPES for p in params)
+    def _has_native_step(self, group: dict[str, Any]) -> bool:
+        """Every group but ``reference_compat`` (whose late reset has no compiled path)."""
+        return not group["reference_compat"]
 
     def _implementation(self, group: dict[str, Any], params: list[Tensor]) -> str:
         if group["reference_compat"] and group["compiled"] is None:
