@@ -108,11 +108,13 @@ def library() -> ctypes.CDLL | None:
         return None
     attempts = [[*_FLAGS, "-march=native"], _FLAGS]  # some compilers lack -march=native
     complaint = "no build attempted"
+    # What the library depends on besides its flags: one build per source, compiler and CPU.
+    build = [SOURCE.read_text(), compiler, subprocess.run([compiler, "--version"], capture_output=True,
+                                                         text=True).stdout, platform.machine(), _cpu_signature()]
+    cache = _cache_dir()
     for flags in attempts:
-        version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
-        key = hashlib.sha256("\0".join([SOURCE.read_text(), compiler, version, " ".join(flags),
-                                        platform.machine(), _cpu_signature()]).encode()).hexdigest()[:20]
-        target = _cache_dir() / f"native_loops-{key}.so"
+        key = hashlib.sha256("\0".join([*build, " ".join(flags)]).encode()).hexdigest()[:20]
+        target = cache / f"native_loops-{key}.so"
         if not target.exists():
             failure = _build(compiler, target, flags)
             if failure is not None:

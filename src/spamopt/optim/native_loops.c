@@ -147,10 +147,8 @@ DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
 #define SIGN(T, x) ((x) > (T)0 ? (T)1 : ((x) < (T)0 ? (T)-1 : (T)0))
 
 /* AdaClip applied to one (scaled) gradient value: mode 0 off, 1 scale (x·bound/mu above bound), 2 clamp. */
-#define ADACLIP(T, mode, x, bound, over) \
-    ((mode) == 0 ? (x) : (FABS_##T(x) > (bound) ? ((mode) == 1 ? (x) * (over) : SIGN(T, x) * (bound)) : (x)))
-#define FABS_float fabsf
-#define FABS_double fabs
+#define ADACLIP(T, FABS, mode, x, bound, over) \
+    ((mode) == 0 ? (x) : (FABS(x) > (bound) ? ((mode) == 1 ? (x) * (over) : SIGN(T, x) * (bound)) : (x)))
 
 /* An exact power of two s with peak·s in [0.5, 1); 1 for a zero or non-finite peak (stabilize.norm_scale). */
 #define DEFINE_STABLE(T, SUFFIX, SQRT, FABS, MAXVAL, FREXP, LDEXP)                                              \
@@ -168,7 +166,7 @@ DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
         for (int64_t i = lo; i < hi; ++i) {                                                                    \
             T x = ((g[i] < (T)INFINITY) & (g[i] > -(T)INFINITY) & use) ? g[i] : (T)0;                            \
             x = x * factor;                                                                                    \
-            const T y = ADACLIP(T, mode, x, b, o) * s;                                                         \
+            const T y = ADACLIP(T, FABS, mode, x, b, o) * s;                                                   \
             sum += (double)y * (double)y;                                                                      \
         }                                                                                                      \
         return sum;                                                                                            \
@@ -182,7 +180,7 @@ DEFINE_LOOPS(double, f64, sqrt, fabs, DBL_MAX)
         _Pragma("omp simd")                                                                                    \
         for (int64_t i = lo; i < hi; ++i) {                                                                    \
             T x = ((FABS(g[i]) < (T)INFINITY) & use) ? g[i] : (T)0;                                             \
-            x = ADACLIP(T, mode, x * factor, b, o);                                                            \
+            x = ADACLIP(T, FABS, mode, x * factor, b, o);                                                      \
             if (adagn) x = x * q;                                                                              \
             const T mi = m[i] * m_keep + omb1 * x;                                                             \
             const T vn = v[i] * v_keep + (omb2 * x) * x;                                                       \

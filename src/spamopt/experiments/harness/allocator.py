@@ -11,10 +11,10 @@ kept (``benchmarks/allocator_speed.py`` measures whole training steps).
 the process's heap, and freed memory stays there for the next one (most of the time: torch allocates with
 ``posix_memalign``, which in glibc 2.36 asks for slightly more than a freed chunk of the same size holds, so
 a freed chunk with a small allocation right after it is passed over and fresh pages are taken: in 16
-processes, 25 to 29 of 29 repeated 32 MiB temporaries came without page faults, none with glibc's defaults). The cost is resident memory: the process
-keeps its peak instead of returning what it frees. Every ``spamopt`` command does this at start (and so do
-its parallel workers), unless ``SPAMOPT_ALLOCATOR=system`` is set; other allocators (jemalloc, tcmalloc
-preloaded) and other C libraries are left alone.
+processes, 25 to 29 of 29 repeated 32 MiB temporaries came without page faults, none with glibc's defaults).
+The cost is resident memory: the process keeps its peak instead of returning what it frees. Every ``spamopt``
+command does this at start (and so do its parallel workers), unless ``SPAMOPT_ALLOCATOR=system`` is set;
+other allocators (jemalloc, tcmalloc preloaded) and other C libraries are left alone.
 """
 
 from __future__ import annotations
